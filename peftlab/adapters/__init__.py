@@ -1,0 +1,7 @@
+"""Weight adapters: one file per method; importing this package registers them all."""
+from peftlab.adapters.base import (ALL_LINEAR, METHODS, Adapter, AdapterConfig, AdapterConfigError, AdapterLayer,
+                                   config_from_dict, method_class)
+from peftlab.adapters.lora import LoraAdapter, LoraConfig
+
+__all__ = ["ALL_LINEAR", "METHODS", "Adapter", "AdapterConfig", "AdapterConfigError", "AdapterLayer",
+           "LoraAdapter", "LoraConfig", "config_from_dict", "method_class"]

