@@ -1,0 +1,451 @@
+"""One training loop for every method, on accelerate.
+
+    result = train(model, train_data, TrainConfig(output_dir="runs/x", max_steps=200), tokenizer=tokenizer)
+
+What it does, per optimizer step:
+  1. take the next *global batch* of ``batch_size`` examples from a seeded permutation of the data
+     (epoch e uses seed + e), sort it by length and cut it into micro-batches across processes and
+     gradient-accumulation steps;
+  2. for each micro-batch, ``objective.loss`` returns the *summed* token loss; dividing by the
+     number of label tokens in the whole global batch (known to every process without any
+     communication) makes the gradient independent of how the batch was split: 1 process × 8
+     examples and 2 processes × 4 examples give the same update;
+  3. clip, step AdamW with the learning rate of a pure schedule function (warmup + cosine/linear),
+     log, evaluate and checkpoint when due.
+
+Checkpoints are atomic directories of safetensors + JSON (trainable tensors, optimizer state, RNG
+states, step); ``resume=True`` continues from the latest one and reproduces an uninterrupted run.
+Methods change the loss or the parameter groups by passing an ``Objective`` (BLoB adds a KL term,
+Bitune runs two prompt passes): the loop itself has no method-specific code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+RUN_FILES = ("run.json", "metrics.jsonl", "loss.png", "adapter.json", "adapter.safetensors", "checkpoints")
+
+
+class TrainConfigError(ValueError):
+    """An impossible training setting; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str
+    max_steps: int | None = None         # optimizer steps; None: derived from epochs
+    epochs: float = 1.0
+    batch_size: int = 8                  # global batch: examples per optimizer step, all processes together
+    micro_batch_size: int = 8            # examples per forward pass on one process
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    schedule: str = "cosine"             # cosine | linear | constant (after warmup)
+    min_lr_ratio: float = 0.0            # the schedule decays to lr * min_lr_ratio
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0                  # steps between evaluations (0: only at the end, if eval data)
+    save_every: int = 0                  # steps between checkpoints (0: none)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"          # no | bf16 | fp16 (GPU)
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        checks = [
+            (self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps > 0),
+             f"max_steps must be a positive integer, got {self.max_steps!r}"),
+            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (self.batch_size > 0 and self.micro_batch_size > 0,
+             f"batch_size and micro_batch_size must be positive, got {self.batch_size} and {self.micro_batch_size}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}"),
+            (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.mixed_precision in ("no", "bf16", "fp16"),
+             f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainConfigError(message)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.batch_size % per_step:
+            raise TrainConfigError(
+                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size} × "
+                f"{world_size} process(es): choose batch_size as a multiple of {per_step}")
+        return self.batch_size // per_step
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# -- learning-rate schedules: pure functions of the step, so resuming needs only the step ---------
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "cosine": _cosine,
+    "linear": lambda progress: 1.0 - progress,
+    "constant": lambda progress: 1.0,
+}
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+    decay = SCHEDULES[config.schedule](min(1.0, progress))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay)
+
+
+# -- the objective: the one seam methods extend ------------------------------------------------
+
+class Objective:
+    """Causal language modelling on the label tokens (labels of -100 are ignored).
+
+    Subclasses may override ``loss`` (e.g. Bitune's two prompt passes), ``step_loss`` (a term added
+    once per optimizer step, e.g. BLoB's KL) and ``param_groups`` (per-group lr / weight decay).
+    """
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed cross-entropy over the label tokens of the batch."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return summed_token_loss(logits, batch["labels"])
+
+    def step_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        return None
+
+    def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise TrainConfigError("the model has no trainable parameters: add an adapter before training")
+        return [{"params": params, "weight_decay": config.weight_decay}]
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ −log p(label_t+1 | ≤ t) over positions whose next label is not -100 (the usual shift)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=-100, reduction="sum")
+
+
+def count_label_tokens(example: dict) -> int:
+    return sum(1 for label in example["labels"][1:] if label != -100)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+
+def _checkpoint_dirs(output_dir: Path) -> list[Path]:
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = [p for p in _checkpoint_dirs(Path(output_dir)) if (p / "state.json").is_file()]
+    return found[-1] if found else None
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def _set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    final_loss: float
+    history: list[dict]
+    resumed_from: int = 0
+
+
+def prepare_run_dir(output_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse to reuse a directory that holds a run, unless resuming or ``overwrite`` (which removes
+    only the files of the old run)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"output path {path} is a file: choose a directory path")
+    holds_run = path.is_dir() and any((path / name).exists() for name in RUN_FILES)
+    if holds_run and not (overwrite or resume):
+        raise FileExistsError(f"{path} already holds a run: pass --resume to continue it, --overwrite to replace it, "
+                              "or choose another --output")
+    if holds_run and overwrite and not resume:
+        for name in RUN_FILES:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, tokenizer=None,
+          eval_data: Sequence[dict] | None = None, objective: Objective | None = None,
+          collate_fn: Callable[[list[dict]], dict] | None = None, resume: bool = False,
+          save_fn: Callable[[nn.Module, Path], None] | None = None, run_info: dict | None = None,
+          stop_after_steps: int | None = None) -> TrainResult:
+    """Train ``model``'s trainable parameters on ``train_data`` (dicts with input_ids and labels).
+
+    ``save_fn(model, directory)`` writes the final adapter (default: ``peftlab.io.save_adapter``).
+    ``stop_after_steps`` stops early with a checkpoint, as a killed job would; ``resume`` continues.
+    The run directory must have been checked with ``prepare_run_dir`` (the CLI does this).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    objective = objective or Objective()
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    accumulation = config.accumulation_steps(world)
+    if len(train_data) < config.batch_size:
+        raise TrainConfigError(f"the training set has {len(train_data)} examples, fewer than batch_size "
+                               f"{config.batch_size}: lower --batch-size or add data")
+    if collate_fn is None:
+        from peftlab.data import collate
+        pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+        collate_fn = lambda features: collate(features, pad_token_id=pad_id)  # noqa: E731
+
+    steps_per_epoch = len(train_data) // config.batch_size
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    torch.manual_seed(config.seed + rank)  # dropout noise differs between processes, as it should
+
+    optimizer = torch.optim.AdamW(objective.param_groups(model, config), lr=config.lr, betas=config.betas)
+    named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    start_step, history = 0, []
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    if checkpoint is not None:
+        start_step, history = _load_checkpoint(checkpoint, named_trainable, optimizer, rank)
+    elif resume:
+        accelerator.print(f"no checkpoint in {output_dir}/checkpoints: starting from step 0")
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+
+    if accelerator.is_main_process:
+        info = {"train": config.to_dict(), "world_size": world, "total_steps": total_steps,
+                "train_examples": len(train_data), **(run_info or {})}
+        (output_dir / "run.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+        metrics_path = output_dir / "metrics.jsonl"
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))  # drop lines past the checkpoint
+
+    def log(record: dict) -> None:
+        history.append(record)
+        if accelerator.is_main_process:
+            with open(output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def global_batch(step: int) -> list[int]:
+        epoch, offset = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed + epoch))
+        indices = order[offset * config.batch_size:(offset + 1) * config.batch_size].tolist()
+        # Sorting by length puts similar lengths in one micro-batch: less padding, same sum.
+        return sorted(indices, key=lambda i: len(train_data[i]["input_ids"]))
+
+    end_step = total_steps if stop_after_steps is None else min(total_steps, start_step + stop_after_steps)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+               disable=not (config.progress and accelerator.is_main_process), dynamic_ncols=True)
+    model.train()
+    started, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
+    for step in range(start_step, end_step):
+        indices = global_batch(step)
+        n_label_tokens = sum(count_label_tokens(train_data[i]) for i in indices)
+        lr = lr_at(step, config, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        step_loss = 0.0
+        for micro in range(accumulation):
+            first = (micro * world + rank) * config.micro_batch_size
+            batch = collate_fn([train_data[i] for i in indices[first:first + config.micro_batch_size]])
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            sync = micro == accumulation - 1
+            with (accelerator.no_sync(wrapped) if not sync and world > 1 else _nullcontext()):
+                with accelerator.autocast():
+                    # DDP averages gradients over processes, hence the factor `world`.
+                    loss = objective.loss(wrapped, batch) * (world / max(1, n_label_tokens))
+                    if micro == 0:
+                        extra = objective.step_loss(model, step)
+                        if extra is not None:
+                            loss = loss + extra
+                accelerator.backward(loss)
+            step_loss += loss.detach()
+            tokens_seen += int(batch["attention_mask"].sum())
+        grad_norm = None
+        if config.max_grad_norm:
+            grad_norm = float(accelerator.clip_grad_norm_([p for _, p in named_trainable], config.max_grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = float(accelerator.reduce(step_loss.reshape(1), reduction="mean"))
+        elapsed = time.perf_counter() - started
+        bar.update(1)
+        if (step + 1) % config.log_every == 0 or step + 1 == end_step:
+            record = {"step": step + 1, "loss": round(last_loss, 6), "lr": lr,
+                      "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9), 1)}
+            if grad_norm is not None:
+                record["grad_norm"] = round(grad_norm, 6)
+            log(record)
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if eval_data and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps:
+            log({"step": step + 1, "eval_loss": round(evaluate_loss(wrapped, eval_data, collate_fn, config,
+                                                                     accelerator, objective), 6)})
+            model.train()
+        if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == end_step) \
+                or (stop_after_steps is not None and step + 1 == end_step < total_steps):
+            _save_checkpoint(output_dir, step + 1, named_trainable, optimizer, history, config, accelerator)
+    bar.close()
+    model.eval()
+
+    finished = end_step == total_steps
+    if finished and eval_data:
+        log({"step": total_steps, "eval_loss": round(evaluate_loss(wrapped, eval_data, collate_fn, config,
+                                                                    accelerator, objective), 6)})
+    if finished and accelerator.is_main_process:
+        if save_fn is None:
+            from peftlab.io import save_adapter
+            save_fn = save_adapter
+        save_fn(accelerator.unwrap_model(wrapped), output_dir)
+        plot_losses(history, output_dir / "loss.png")
+    accelerator.wait_for_everyone()
+    return TrainResult(output_dir=output_dir, steps=end_step, final_loss=last_loss, history=history,
+                       resumed_from=start_step)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def evaluate_loss(model, data: Sequence[dict], collate_fn, config: TrainConfig, accelerator,
+                  objective: Objective) -> float:
+    """Mean token loss over ``data``, each process taking every world-th micro-batch."""
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    total = torch.zeros(2, device=accelerator.device)
+    size = config.micro_batch_size
+    for start in range(rank * size, len(data), world * size):
+        features = [data[i] for i in range(start, min(start + size, len(data)))]
+        batch = {k: v.to(accelerator.device) for k, v in collate_fn(features).items()}
+        with accelerator.autocast():
+            total[0] += objective.loss(model, batch).float()
+        total[1] += sum(count_label_tokens(f) for f in features)
+    total = accelerator.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizer, history, config, accelerator) -> None:
+    """Write checkpoints/step-N atomically: into a hidden directory first, renamed when complete."""
+    root = output_dir / "checkpoints"
+    final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_file(_rng_state(), str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
+    if accelerator.is_main_process:
+        save_file({n: p.detach().cpu().contiguous() for n, p in named_trainable}, str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_files(getattr(optimizer, "optimizer", optimizer))
+        save_file({k: v.cpu().contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+        state = {"step": step, "optimizer": opt_meta, "history": history, "train": config.to_dict(),
+                 "world_size": accelerator.num_processes}
+        (tmp / "state.json").write_text(json.dumps(state, default=str))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in _checkpoint_dirs(output_dir)[:-config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(path: Path, named_trainable, optimizer, rank: int) -> tuple[int, list[dict]]:
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "trainable.safetensors"))
+    names = [n for n, _ in named_trainable]
+    if sorted(tensors) != sorted(names):
+        raise TrainConfigError(f"checkpoint {path} holds other trainable tensors than this model "
+                               "(another method or adapter config?): resume with the same settings or use --overwrite")
+    with torch.no_grad():
+        for name, p in named_trainable:
+            if tensors[name].shape != p.shape:
+                raise TrainConfigError(f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}, the model "
+                                       f"{tuple(p.shape)}: resume with the same settings or use --overwrite")
+            p.copy_(tensors[name])
+    optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
+                                                    state["optimizer"]))
+    rng_file = path / f"rng-rank{rank}.safetensors"
+    if rng_file.is_file():
+        _set_rng_state(load_file(str(rng_file)))
+    return int(state["step"]), list(state["history"])
+
+
+def plot_losses(history: list[dict], path: Path) -> None:
+    """Training (and evaluation) loss against step, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    eval_points = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train_points:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(*zip(*train_points), label="train loss", lw=1)
+    if eval_points:
+        ax.plot(*zip(*eval_points), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

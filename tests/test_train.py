@@ -1,0 +1,114 @@
+"""The training loop: batch-split invariance, exact resume, 2-process equivalence, schedules, run dirs."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftlab.train import TrainConfig, TrainConfigError, latest_checkpoint, lr_at, prepare_run_dir
+from train_worker import run
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def adapter_tensors(run_dir):
+    return load_file(str(Path(run_dir) / "adapter.safetensors"))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_training_lowers_loss_and_writes_run(tmp_path):
+    _, result = run(tmp_path / "run", max_steps=8)
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    assert losses[-1] < losses[0]
+    for name in ("adapter.json", "adapter.safetensors", "metrics.jsonl", "loss.png", "run.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == list(range(1, 9))
+    assert any("eval_loss" in l for l in lines)
+
+
+def test_micro_batch_split_does_not_change_the_update(tmp_path):
+    run(tmp_path / "a", micro_batch_size=8)
+    run(tmp_path / "b", micro_batch_size=2)  # 4 accumulation steps
+    assert max_diff(adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")) <= 1e-5
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_equals_uninterrupted(tmp_path, dropout):
+    run(tmp_path / "full", max_steps=6, dropout=dropout)
+    _, first = run(tmp_path / "split", max_steps=6, stop_after_steps=3, dropout=dropout)
+    assert first.steps == 3 and not (tmp_path / "split" / "adapter.safetensors").exists()
+    assert latest_checkpoint(tmp_path / "split").name == "step-000003"
+    _, second = run(tmp_path / "split", max_steps=6, resume=True, dropout=dropout)
+    assert second.resumed_from == 3 and second.steps == 6
+    assert max_diff(adapter_tensors(tmp_path / "full"), adapter_tensors(tmp_path / "split")) <= 1e-6
+    full = [l for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    split = [l for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert len(full) == len(split)
+
+
+def test_checkpoints_are_rotated_and_complete(tmp_path):
+    run(tmp_path / "run", max_steps=6, save_every=2)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-000004", "step-000006"]  # keep_checkpoints=2, no temporary directories left
+    for name in ("state.json", "trainable.safetensors", "optimizer.safetensors", "rng-rank0.safetensors"):
+        assert (tmp_path / "run" / "checkpoints" / "step-000006" / name).is_file()
+
+
+def test_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes over gloo, micro-batch 4 each = 1 process with micro-batch 8."""
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), "--micro", "8"],
+                            capture_output=True, text=True, env={**env})
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29533", str(WORKER), str(tmp_path / "two"), "--micro", "4"],
+                            capture_output=True, text=True, env={**env})
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
+    assert max_diff(adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")) <= 1e-5
+
+
+def test_schedules():
+    config = TrainConfig(output_dir="x", lr=1.0, warmup_steps=4, schedule="cosine")
+    assert [lr_at(s, config, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, config, 14) == pytest.approx(0.5)
+    assert lr_at(14, config, 14) == pytest.approx(0.0)
+    linear = TrainConfig(output_dir="x", lr=2.0, schedule="linear", min_lr_ratio=0.5)
+    assert lr_at(5, linear, 10) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_steps=0), "max_steps must be a positive integer"),
+    (dict(lr=-1.0), "lr must be positive"),
+    (dict(schedule="exp"), "schedule must be one of"),
+    (dict(batch_size=0), "must be positive"),
+])
+def test_bad_train_configs(kwargs, message):
+    with pytest.raises(TrainConfigError, match=message):
+        TrainConfig(output_dir="x", **kwargs)
+
+
+def test_batch_not_divisible():
+    with pytest.raises(TrainConfigError, match="not a multiple of micro_batch_size"):
+        TrainConfig(output_dir="x", batch_size=6, micro_batch_size=4).accumulation_steps(1)
+
+
+def test_run_dir_protection(tmp_path):
+    run(tmp_path / "run", max_steps=2)
+    before = (tmp_path / "run" / "adapter.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a run.*--overwrite"):
+        prepare_run_dir(tmp_path / "run")
+    assert (tmp_path / "run" / "adapter.safetensors").read_bytes() == before
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    prepare_run_dir(tmp_path / "run", overwrite=True)
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the run's own files go
