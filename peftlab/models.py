@@ -136,11 +136,16 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype | str = torch.floa
     source = local_checkpoint(name)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-second load needs no bar (GGUF conversion above keeps its own)
     try:
         model = AutoModelForCausalLM.from_pretrained(source.local_dir, dtype=dtype)
     except OSError as err:
         raise ModelLoadError(f"could not load model {name!r}: {str(err).splitlines()[0]} "
                              "(offline? use a local directory, a .gguf file or the embedded model)") from None
+    finally:
+        hf_logging.enable_progress_bar()
     model.config.peftlab_base_name = source.name
     if device:
         model.to(device)

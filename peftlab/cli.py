@@ -1,0 +1,406 @@
+"""The ``peftlab`` command: train | generate | chat | merge | export | info.
+
+Every flag of ``train`` can also come from a YAML file (``--config run.yaml``, keys spelled as the
+flags with underscores); flags given on the command line win. Method hyper-parameters are flags
+generated from each method's config dataclass (``--r``, ``--alpha``, ``--dropout``, …), so a new
+method gets its flags and YAML keys without touching this file.
+
+Bad input ends with one line on stderr, ``peftlab: error: <problem>: <fix>``, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from peftlab.models import EMBEDDED_MODEL
+
+
+class CliError(ValueError):
+    """A command-line problem; the message names the fix."""
+
+
+# -- shared helpers ---------------------------------------------------------------------------
+
+def _parse_targets(text: str):
+    """``all-linear`` | ``re:REGEX`` | ``q_proj,v_proj``."""
+    if text == "all-linear":
+        return text
+    if text.startswith("re:"):
+        return text[3:]
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every method-specific config field, with the methods that have it."""
+    from peftlab.adapters import METHODS, AdapterConfig
+
+    common = {f.name for f in dataclasses.fields(AdapterConfig)}
+    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for method, adapter_class in sorted(METHODS.items()):
+        for field in dataclasses.fields(adapter_class.config_class):
+            if field.name not in common:
+                fields.setdefault(field.name, (field, []))[1].append(method)
+    return fields
+
+
+def _field_type(field: dataclasses.Field):
+    default = field.default
+    if isinstance(default, bool):
+        return lambda text: text.lower() in ("1", "true", "yes", "on")
+    return type(default) if isinstance(default, (int, float)) else str
+
+
+def _load_model_and_adapter(args, padding_side: str = "left"):
+    """The base model (from --model, or the one recorded in the adapter) with --adapter loaded."""
+    from peftlab.io import CONFIG_FILE, PEFT_CONFIG_FILE, import_peft, load_adapter, read_adapter_config
+    from peftlab.models import load_model, load_tokenizer
+
+    adapter = Path(args.adapter) if getattr(args, "adapter", None) else None
+    model_name = args.model
+    if adapter is not None:
+        if not adapter.exists():
+            raise CliError(f"adapter {adapter} not found: give a run directory written by `peftlab train`")
+        if model_name is None and (adapter / CONFIG_FILE).is_file():
+            model_name = read_adapter_config(adapter)["base_model"].get("name")
+        elif model_name is None and (adapter / PEFT_CONFIG_FILE).is_file():
+            model_name = json.loads((adapter / PEFT_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    model_name = model_name or EMBEDDED_MODEL
+    model, tokenizer = load_model(model_name), load_tokenizer(model_name, padding_side=padding_side)
+    if adapter is not None:
+        if (adapter / CONFIG_FILE).is_file() or not (adapter / PEFT_CONFIG_FILE).is_file():
+            load_adapter(model, adapter)
+        else:
+            import_peft(model, adapter)
+    return model, tokenizer
+
+
+# -- train ------------------------------------------------------------------------------------
+
+TRAIN_DEFAULTS = {
+    "model": EMBEDDED_MODEL, "data": None, "eval_data": None, "eval_size": 0, "limit": None,
+    "template": "chat", "max_length": 512, "train_on_prompt": False,
+    "method": "lora", "targets": "all-linear", "output": None, "overwrite": False, "resume": False,
+    "max_steps": None, "epochs": 1.0, "batch_size": 8, "micro_batch_size": 8, "lr": 2e-4, "weight_decay": 0.0,
+    "warmup_steps": 0, "schedule": "cosine", "max_grad_norm": 1.0, "eval_every": 0, "save_every": 0,
+    "keep_checkpoints": 2, "seed": 0, "mixed_precision": "no", "dtype": "float32",
+}
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with an adapter method",
+                       description="Fine-tune a causal LM with a parameter-efficient method. Flags override --config.")
+    a = p.add_argument
+    a("--config", help="YAML file whose keys are these flags' names with underscores (e.g. max_steps: 200)")
+    a("--model", help=f"base model: HF id, local directory, .gguf file, or {EMBEDDED_MODEL} (default)")
+    a("--data", help="training data: .json/.jsonl file (Alpaca, LLM-Adapters, GSM8K or prompt/response records), "
+                     "hf:NAME[:SPLIT], or builtin:arithmetic[:N]")
+    a("--eval-data", help="evaluation data (same formats); reported as eval loss")
+    a("--eval-size", type=int, help="hold out this many training examples for evaluation (default 0)")
+    a("--limit", type=int, help="use only the first N training examples")
+    a("--template", help="prompt template: chat (the tokenizer's own, default), alpaca or plain")
+    a("--max-length", type=int, help="truncate examples to this many tokens (default 512)")
+    a("--train-on-prompt", action="store_true", default=None, help="also train on the prompt tokens")
+    a("--method", help="adapter method (default lora); `peftlab info` lists them")
+    a("--targets", help="modules to adapt: all-linear (default), comma-separated names (q_proj,v_proj) "
+                        "or re:REGEX over full module names")
+    for name, (field, methods) in _method_fields().items():
+        a(f"--{name.replace('_', '-')}", type=_field_type(field),
+          help=f"{'/'.join(methods)}: {name} (default {field.default})")
+    a("--output", help="run directory (default runs/<method>)")
+    a("--overwrite", action="store_true", default=None, help="replace the run already in --output")
+    a("--resume", action="store_true", default=None, help="continue the run in --output from its latest checkpoint")
+    a("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
+    a("--epochs", type=float, help="passes over the data when --max-steps is not given (default 1)")
+    a("--batch-size", type=int, help="global batch: examples per optimizer step (default 8)")
+    a("--micro-batch-size", type=int, help="examples per forward pass on one process (default 8)")
+    a("--lr", type=float, help="peak learning rate (default 2e-4)")
+    a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    a("--warmup-steps", type=int, help="linear warmup steps (default 0)")
+    a("--schedule", help="cosine (default), linear or constant after warmup")
+    a("--max-grad-norm", type=float, help="gradient clipping norm, 0 to disable (default 1.0)")
+    a("--eval-every", type=int, help="steps between evaluations (default: at the end only)")
+    a("--save-every", type=int, help="steps between checkpoints for --resume (default 0: none)")
+    a("--keep-checkpoints", type=int, help="checkpoints to keep (default 2)")
+    a("--seed", type=int, help="seed for data order and adapter initialisation (default 0)")
+    a("--mixed-precision", help="no (default), bf16 or fp16 (GPU)")
+    a("--dtype", help="dtype to load the base model in: float32 (default), bfloat16, float16")
+    p.set_defaults(run=cmd_train)
+
+
+def _train_settings(args) -> dict:
+    """Defaults < YAML config < command-line flags."""
+    import yaml
+
+    settings = dict(TRAIN_DEFAULTS)
+    method_keys = set(_method_fields())
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise CliError(f"config file {path} not found: check the path")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise CliError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]}): fix its syntax") from None
+        if not isinstance(loaded, dict):
+            raise CliError(f"config file {path} must hold a mapping of option: value")
+        loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
+        unknown = sorted(set(loaded) - set(settings) - method_keys)
+        if unknown:
+            raise CliError(f"config file {path} has unknown keys {unknown}: use the flag names of `peftlab train -h`")
+        settings.update(loaded)
+    for key, value in vars(args).items():
+        if value is not None and key not in ("config", "run", "command"):
+            settings[key] = value
+    return settings
+
+
+def cmd_train(args) -> int:
+    from peftlab.adapters import method_class
+    from peftlab.data import DataError, get_template, load_examples, tokenize_examples
+    from peftlab.inject import add_adapter, find_targets, format_summary, trainable_summary
+    from peftlab.models import load_model, load_tokenizer
+    from peftlab.train import TrainConfig, prepare_run_dir, train
+
+    s = _train_settings(args)
+    if not s["data"]:
+        raise CliError("no training data: pass --data FILE (or builtin:arithmetic), or set data: in --config")
+    adapter_class = method_class(s["method"])
+    method_values = {f.name: s[f.name] for f in dataclasses.fields(adapter_class.config_class)
+                     if f.name in s and f.name not in ("target_modules", "exclude_modules")}
+    adapter_config = adapter_class.config_class(target_modules=_parse_targets(str(s["targets"])), **method_values)
+    unused = sorted(k for k in set(_method_fields()) & set(s) if k not in method_values)
+    if unused:
+        raise CliError(f"option(s) {unused} do not apply to method {s['method']}: remove them")
+    output = Path(s["output"] or f"runs/{s['method']}")
+    train_config = TrainConfig(
+        output_dir=str(output), max_steps=s["max_steps"], epochs=s["epochs"], batch_size=s["batch_size"],
+        micro_batch_size=min(s["micro_batch_size"], s["batch_size"]), lr=s["lr"], weight_decay=s["weight_decay"],
+        warmup_steps=s["warmup_steps"], schedule=s["schedule"], max_grad_norm=s["max_grad_norm"] or None,
+        eval_every=s["eval_every"], save_every=s["save_every"], keep_checkpoints=s["keep_checkpoints"],
+        seed=s["seed"], mixed_precision=s["mixed_precision"])
+    examples = load_examples(str(s["data"]), limit=s["limit"])  # validate inputs before touching the run dir
+    eval_examples = load_examples(str(s["eval_data"])) if s["eval_data"] else []
+    if s["eval_size"]:
+        if s["eval_size"] >= len(examples):
+            raise DataError(f"--eval-size {s['eval_size']} leaves no training examples out of {len(examples)}: "
+                            "lower it")
+        import random
+        shuffled = examples[:]
+        random.Random(s["seed"]).shuffle(shuffled)
+        eval_examples, examples = eval_examples + shuffled[:s["eval_size"]], shuffled[s["eval_size"]:]
+    tokenizer = load_tokenizer(s["model"])
+    model = load_model(s["model"], dtype=s["dtype"])
+    template = get_template(s["template"], tokenizer)
+    find_targets(model, adapter_config)  # a target that matches nothing fails before the run dir is touched
+    train_data = tokenize_examples(examples, tokenizer, template, max_length=s["max_length"],
+                                   train_on_prompt=bool(s["train_on_prompt"]))
+    eval_data = tokenize_examples(eval_examples, tokenizer, template, max_length=s["max_length"]) \
+        if eval_examples else None
+    output = prepare_run_dir(output, overwrite=bool(s["overwrite"]), resume=bool(s["resume"]))
+    if train_data.n_truncated or train_data.n_dropped:
+        print(f"note: {train_data.n_truncated} example(s) truncated and {train_data.n_dropped} dropped at "
+              f"--max-length {s['max_length']}", file=sys.stderr)
+    add_adapter(model, adapter_config, seed=s["seed"])
+    summary = trainable_summary(model)
+    print(format_summary(summary))
+    result = train(model, train_data, train_config, tokenizer=tokenizer, eval_data=eval_data, resume=bool(s["resume"]),
+                   run_info={"settings": s, "adapter": adapter_config.to_dict(),
+                             "trainable_parameters": summary["trainable"], "truncated": train_data.n_truncated,
+                             "dropped": train_data.n_dropped})
+    print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}; run saved in {output}")
+    return 0
+
+
+# -- generate / chat ----------------------------------------------------------------------------
+
+def add_generation_flags(p) -> None:
+    p.add_argument("--model", help=f"base model (default: the adapter's base, else {EMBEDDED_MODEL})")
+    p.add_argument("--adapter", help="run directory with adapter.json (or a PEFT LoRA directory)")
+    p.add_argument("--template", default="chat", help="prompt template: chat (default), alpaca, plain, or none "
+                                                      "to send the prompt as it is")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
+
+
+def cmd_generate(args) -> int:
+    from peftlab.generate import generate
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        from peftlab.data import load_examples
+        prompts += [e.instruction + ("\n\n" + e.input if e.input else "") for e in load_examples(args.prompts)]
+    if not prompts:
+        raise CliError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+    model, tokenizer = _load_model_and_adapter(args)
+    template = None if args.template == "none" else args.template
+    outputs = generate(model, tokenizer, prompts, template=template, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                       progress=len(prompts) > args.batch_size)
+    if args.output:
+        with open(args.output, "w") as f:
+            for prompt, output in zip(prompts, outputs):
+                f.write(json.dumps({"prompt": prompt, "output": output}) + "\n")
+    for prompt, output in zip(prompts, outputs):
+        print(output if len(prompts) == 1 else f"### {prompt}\n{output}\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from peftlab.generate import stream
+
+    model, tokenizer = _load_model_and_adapter(args)
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    print("peftlab chat: type a message, /reset to start over, /exit or Ctrl-D to quit.", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = []
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        if has_chat and args.template == "chat":
+            prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+            pieces = stream(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p)
+        else:  # no chat template: single-turn prompts with the chosen training template
+            template = "alpaca" if args.template == "chat" else args.template
+            pieces = stream(model, tokenizer, text, template=None if template == "none" else template,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        print("model> ", end="", flush=True)
+        reply = []
+        for piece in pieces:
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+# -- merge / export / info ----------------------------------------------------------------------
+
+def cmd_merge(args) -> int:
+    from peftlab.io import save_merged
+
+    output = Path(args.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
+        raise CliError(f"{output} already exists: choose a new directory or pass --overwrite")
+    model, tokenizer = _load_model_and_adapter(args, padding_side="right")
+    save_merged(model, tokenizer, output, overwrite=args.overwrite)
+    print(f"merged checkpoint written to {output} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from peftlab.io import export_peft
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise CliError(f"{output} already exists: choose a new directory or pass --overwrite")
+    model, _ = _load_model_and_adapter(args, padding_side="right")
+    export_peft(model, output, base_model_name=args.model)
+    print(f"PEFT adapter written to {output} (load it with peft.PeftModel.from_pretrained)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from peftlab.adapters import METHODS, method_class
+
+    method_class("lora")  # registers every method
+    if args.adapter:
+        from peftlab.io import WEIGHTS_FILE, _read_tensors, read_adapter_config
+
+        config = read_adapter_config(args.adapter)
+        count = sum(t.numel() for t in _read_tensors(Path(args.adapter) / WEIGHTS_FILE).values())
+        print(f"adapter {args.adapter}")
+        print(f"  base model: {config['base_model'].get('name')} ({config['base_model'].get('model_type')}, "
+              f"fingerprint {config['base_model'].get('fingerprint')})")
+        for name, values in config["adapters"].items():
+            layers = len(config.get("targets", {}).get(name, []))
+            print(f"  {name}: {json.dumps(values)} on {layers} layers")
+        print(f"  active: {config.get('active')}; {count:,} parameters")
+        return 0
+    print("methods:")
+    for method, adapter_class in sorted(METHODS.items()):
+        doc = (adapter_class.__module__ and sys.modules[adapter_class.__module__].__doc__ or "").strip().splitlines()
+        print(f"  {method:12s} {doc[0] if doc else ''}")
+    print(f"models: {EMBEDDED_MODEL} (embedded), any HF id, local checkpoint directory or .gguf file")
+    if args.model:
+        from peftlab.inject import _linear_names
+        from peftlab.models import load_model
+
+        model = load_model(args.model)
+        names = _linear_names(model)
+        print(f"model {args.model}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"{len(names)} adaptable linear layers named {sorted({n.rsplit('.', 1)[-1] for n in names})}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning of causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+
+    p = sub.add_parser("generate", help="generate text for prompts")
+    add_generation_flags(p)
+    p.add_argument("--prompt", action="append", help="an instruction (repeatable)")
+    p.add_argument("--prompts", help="a data file whose instructions are the prompts")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--output", help="also write {prompt, output} lines to this JSONL file")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat, streaming tokens")
+    add_generation_flags(p)
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("merge", help="merge an adapter into a plain transformers checkpoint")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--adapter", required=True, help="run directory with adapter.json (or a PEFT LoRA directory)")
+    p.add_argument("--output", required=True, help="directory for the merged checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(run=cmd_merge)
+
+    p = sub.add_parser("export", help="export a LoRA adapter in PEFT's format")
+    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    p.add_argument("--adapter", required=True, help="run directory with adapter.json")
+    p.add_argument("--output", required=True, help="directory for adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("info", help="list methods; describe a model or an adapter file")
+    p.add_argument("--model", help="describe this model's adaptable layers")
+    p.add_argument("--adapter", help="describe this adapter directory")
+    p.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peftlab.adapters import AdapterConfigError
+    from peftlab.data import DataError
+    from peftlab.io import AdapterFileError
+    from peftlab.models import ModelLoadError
+    from peftlab.train import TrainConfigError
+
+    args = build_parser().parse_args(argv)
+    expected = (CliError, DataError, AdapterConfigError, AdapterFileError, TrainConfigError, ModelLoadError,
+                FileExistsError)
+    try:
+        return args.run(args)
+    except expected as err:
+        message = " ".join(str(err).split())  # always one line
+        print(f"peftlab: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Generation and chat with a (possibly adapted) model.
+
+``generate`` runs batched decoding with left padding (so every prompt's last token sits at the same
+position and new tokens append cleanly), greedy by default, and returns only the new text.
+``stream`` yields text pieces as they are decoded, for chat. Prompts are formatted with the same
+templates as training (``peftlab.data``), so a model is asked exactly as it was taught.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterator, Sequence
+
+import torch
+
+from peftlab.data import Example, get_template
+
+
+def _render(tokenizer, instructions: Sequence[str], template: str) -> tuple[list[str], bool]:
+    """Prompt texts for instructions, as the training template renders them, and whether the
+    tokenizer should add its special tokens (the chat template already contains them)."""
+    rendered = get_template(template, tokenizer)
+    prompts = [rendered.render(Example(instruction=text))[0] for text in instructions]
+    return prompts, getattr(rendered, "add_special_tokens", True)
+
+
+def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
+              "eos_token_id": tokenizer.eos_token_id}
+    if temperature == 0:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
+    return kwargs
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], template: str | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, add_special_tokens: bool = False,
+             progress: bool = False) -> list[str]:
+    """Continue each prompt and return the generated text only. With ``template`` the prompts are
+    instructions rendered by that training template; without, they are used as they are."""
+    from tqdm.auto import tqdm
+
+    if template is not None:
+        prompts, add_special_tokens = _render(tokenizer, prompts, template)
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
+    device = next(model.parameters()).device
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    outputs: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        for row, i in enumerate(chunk):
+            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+        bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return outputs
+
+
+def stream(model, tokenizer, prompt: str, template: str | None = None, max_new_tokens: int = 256,
+           temperature: float = 0.0, top_p: float = 1.0, add_special_tokens: bool = False) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece while it is generated."""
+    from transformers import TextIteratorStreamer
+
+    if template is not None:
+        (prompt,), add_special_tokens = _render(tokenizer, [prompt], template)
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, streamer=streamer, **kwargs)
+        except BaseException as err:  # surface the error in the caller's thread
+            errors.append(err)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]

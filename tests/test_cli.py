@@ -1,0 +1,139 @@
+"""The command line: train / generate / merge / export / info on a tiny saved model, and bad inputs."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peftlab.cli import main
+from peftlab.models import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model(seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    code = main(["train", "--model", str(model_dir), "--data", "builtin:arithmetic:40", "--template", "plain",
+                 "--max-steps", "3", "--batch-size", "4", "--micro-batch-size", "2", "--r", "4", "--lr", "1e-2",
+                 "--eval-size", "4", "--output", str(out)])
+    assert code == 0
+    return out
+
+
+def fail(capsys, argv) -> str:
+    """Run argv, expect exit status 2 and exactly one line on stderr; return that line."""
+    capsys.readouterr()  # forget what the test printed before
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("peftlab: error: "), err
+    return err[0]
+
+
+def test_train_writes_a_run(run_dir):
+    for name in ("adapter.json", "adapter.safetensors", "metrics.jsonl", "loss.png", "run.json"):
+        assert (run_dir / name).is_file()
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["adapter"]["r"] == 4 and info["settings"]["template"] == "plain"
+    assert any("eval_loss" in json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_yaml_config_with_flag_override(model_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {model_dir}\ndata: builtin:arithmetic:16\ntemplate: plain\nmax_steps: 5\n"
+                      f"batch_size: 4\nr: 2\nalpha: 4\n")
+    assert main(["train", "--config", str(config), "--max-steps", "1", "--output", str(tmp_path / "run")]) == 0
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["total_steps"] == 1 and info["adapter"]["r"] == 2 and info["adapter"]["alpha"] == 4
+
+
+def test_generate_with_adapter_matches_api(run_dir, model_dir, capsys, tmp_path):
+    from peftlab.generate import generate
+    from peftlab.io import load_adapter
+    from peftlab.models import load_model, load_tokenizer
+
+    assert main(["generate", "--adapter", str(run_dir), "--model", str(model_dir), "--template", "plain",
+                 "--prompt", "Mia has 3 apples.", "--max-new-tokens", "8", "--output", str(tmp_path / "o.jsonl")]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir), padding_side="left")
+    load_adapter(model, run_dir)
+    expected = generate(model, tokenizer, ["Mia has 3 apples."], template="plain", max_new_tokens=8)[0]
+    assert printed == expected
+    assert json.loads((tmp_path / "o.jsonl").read_text())["output"] == expected
+
+
+def test_merge_and_export(run_dir, model_dir, tmp_path):
+    from peftlab.io import load_adapter
+    from peftlab.models import load_model
+    from transformers import AutoModelForCausalLM
+
+    assert main(["merge", "--adapter", str(run_dir), "--model", str(model_dir), "--output", str(tmp_path / "m")]) == 0
+    assert main(["export", "--adapter", str(run_dir), "--model", str(model_dir), "--output", str(tmp_path / "p")]) == 0
+    tokens = torch.randint(4, 262, (1, 10))
+    adapted = load_model(str(model_dir))
+    load_adapter(adapted, run_dir)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        assert (merged(tokens).logits - adapted(tokens).logits).abs().max() <= 1e-5
+    assert (tmp_path / "p" / "adapter_config.json").is_file()
+
+
+def test_info(run_dir, model_dir, capsys):
+    assert main(["info", "--adapter", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "lora" in out and "fingerprint" in out
+    assert main(["info", "--model", str(model_dir)]) == 0
+    assert "q_proj" in capsys.readouterr().out
+
+
+# -- bad inputs: one line, exit 2, nothing overwritten --------------------------------------------
+
+def test_bad_data_files(model_dir, tmp_path, capsys):
+    base = ["train", "--model", str(model_dir), "--template", "plain", "--max-steps", "1", "--batch-size", "2"]
+    (tmp_path / "broken.json").write_text('[{"instruction": "a", "output": "b"},')
+    assert "not valid JSON" in fail(capsys, base + ["--data", str(tmp_path / "broken.json"),
+                                                    "--output", str(tmp_path / "r1")])
+    (tmp_path / "missing.json").write_text('[{"instruction": "a"}]')
+    assert "output" in fail(capsys, base + ["--data", str(tmp_path / "missing.json"), "--output", str(tmp_path / "r2")])
+    (tmp_path / "empty.json").write_text("[]")
+    assert "no examples" in fail(capsys, base + ["--data", str(tmp_path / "empty.json"),
+                                                 "--output", str(tmp_path / "r3")])
+    assert not any((tmp_path / f"r{i}").exists() for i in (1, 2, 3))
+
+
+def test_bad_adapter_settings(model_dir, tmp_path, capsys):
+    base = ["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--template", "plain",
+            "--max-steps", "1", "--batch-size", "2", "--output", str(tmp_path / "r")]
+    assert "match no linear layer" in fail(capsys, base + ["--targets", "wq,wv"])
+    assert "r must be a positive int" in fail(capsys, base + ["--r", "0"])
+    assert "unknown adapter method" in fail(capsys, base + ["--method", "lorax"])
+    assert not (tmp_path / "r").exists()
+
+
+def test_existing_run_is_not_overwritten(run_dir, model_dir, capsys):
+    before = (run_dir / "adapter.safetensors").read_bytes()
+    line = fail(capsys, ["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--template", "plain",
+                         "--max-steps", "1", "--batch-size", "2", "--output", str(run_dir)])
+    assert "already holds a run" in line and "--overwrite" in line
+    assert (run_dir / "adapter.safetensors").read_bytes() == before
+
+
+def test_adapter_from_another_base(run_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    tiny_model(seed=1).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    line = fail(capsys, ["generate", "--adapter", str(run_dir), "--model", str(other), "--prompt", "hi"])
+    assert "was trained on base model" in line
+
+
+def test_console_exit_status(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "peftlab.cli", "train", "--data", str(tmp_path / "nope.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not found" in result.stderr
