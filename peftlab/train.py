@@ -130,8 +130,7 @@ class Objective:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy over the label tokens of the batch."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return summed_token_loss(logits, batch["labels"])
+        return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     def step_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None
@@ -143,10 +142,23 @@ class Objective:
         return [{"params": params, "weight_decay": config.weight_decay}]
 
 
-def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ −log p(label_t+1 | ≤ t) over positions whose next label is not -100 (the usual shift)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=-100, reduction="sum")
+def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
+    """Σ −log p(label_{t+1} | tokens ≤ t) over the positions whose next label is not -100.
+
+    Logits are computed only at positions that predict some label (``logits_to_keep``): prompt
+    positions need no vocabulary projection, which saves the output layer's matmul and softmax
+    over most of an instruction-tuning sequence.
+    """
+    targets = labels[:, 1:]
+    keep = (targets != -100).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)  # every target ignored: the loss is 0
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    except TypeError:  # a model without logits_to_keep: project every position
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][:, keep]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100,
+                           reduction="sum")
 
 
 def count_label_tokens(example: dict) -> int:
@@ -292,7 +304,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                disable=not (config.progress and accelerator.is_main_process), dynamic_ncols=True)
     model.train()
-    started, tokens_seen, last_loss = time.perf_counter(), 0, float("nan")
+    started, tokens_seen, last_loss, window = time.perf_counter(), 0, float("nan"), []
     for step in range(start_step, end_step):
         indices = global_batch(step)
         n_label_tokens = sum(count_label_tokens(train_data[i]) for i in indices)
@@ -322,15 +334,17 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         last_loss = float(accelerator.reduce(step_loss.reshape(1), reduction="mean"))
+        window.append(last_loss)
         elapsed = time.perf_counter() - started
         bar.update(1)
         if (step + 1) % config.log_every == 0 or step + 1 == end_step:
-            record = {"step": step + 1, "loss": round(last_loss, 6), "lr": lr,
+            record = {"step": step + 1, "loss": round(sum(window) / len(window), 6), "lr": lr,
                       "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9), 1)}
             if grad_norm is not None:
                 record["grad_norm"] = round(grad_norm, 6)
             log(record)
-            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            window.clear()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if eval_data and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps:
             log({"step": step + 1, "eval_loss": round(evaluate_loss(wrapped, eval_data, collate_fn, config,
                                                                      accelerator, objective), 6)})

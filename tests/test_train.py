@@ -112,3 +112,22 @@ def test_run_dir_protection(tmp_path):
     prepare_run_dir(tmp_path / "run", overwrite=True)
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the run's own files go
+
+
+def test_causal_lm_loss_matches_transformers(tiny):
+    """Logits only at label positions give the same summed loss as the full-logits HF loss."""
+    from peftlab.train import causal_lm_loss
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 262, (3, 10), generator=generator)
+    labels = ids.clone()
+    labels[0, :6] = -100
+    labels[1, :3] = -100
+    labels[2, :] = -100
+    labels[2, 8:] = ids[2, 8:]
+    mask = torch.ones_like(ids)
+    n_tokens = int((labels[:, 1:] != -100).sum())
+    expected = tiny(input_ids=ids, attention_mask=mask, labels=labels).loss * n_tokens
+    assert torch.allclose(causal_lm_loss(tiny, ids, mask, labels), expected, atol=1e-4)
+    nothing = torch.full_like(labels, -100)
+    assert causal_lm_loss(tiny, ids, mask, nothing).item() == 0.0
