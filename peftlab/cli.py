@@ -363,19 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(p)
     p.set_defaults(run=cmd_chat)
 
-    p = sub.add_parser("merge", help="merge an adapter into a plain transformers checkpoint")
-    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    p.add_argument("--adapter", required=True, help="run directory with adapter.json (or a PEFT LoRA directory)")
-    p.add_argument("--output", required=True, help="directory for the merged checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.set_defaults(run=cmd_merge)
-
-    p = sub.add_parser("export", help="export a LoRA adapter in PEFT's format")
-    p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    p.add_argument("--adapter", required=True, help="run directory with adapter.json")
-    p.add_argument("--output", required=True, help="directory for adapter_config.json + adapter_model.safetensors")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.set_defaults(run=cmd_export)
+    for name, help_text, output_help, run in (
+            ("merge", "merge an adapter into a plain transformers checkpoint", "directory for the merged checkpoint",
+             cmd_merge),
+            ("export", "export a LoRA adapter in PEFT's format",
+             "directory for adapter_config.json + adapter_model.safetensors", cmd_export)):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+        p.add_argument("--adapter", required=True, help="run directory with adapter.json (or a PEFT LoRA directory)")
+        p.add_argument("--output", required=True, help=output_help)
+        p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+        p.set_defaults(run=run)
 
     p = sub.add_parser("info", help="list methods; describe a model or an adapter file")
     p.add_argument("--model", help="describe this model's adaptable layers")
