@@ -137,3 +137,22 @@ def test_console_exit_status(tmp_path):
     result = subprocess.run([sys.executable, "-m", "peftlab.cli", "train", "--data", str(tmp_path / "nope.json")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not found" in result.stderr
+
+
+def test_stream_equals_generate(model_dir):
+    from peftlab.generate import generate, stream
+    from peftlab.models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir), padding_side="left")
+    pieces = list(stream(model, tokenizer, "Zoe has 4 cards.", template="plain", max_new_tokens=10))
+    assert len(pieces) > 1  # it really streams
+    assert "".join(pieces) == generate(model, tokenizer, ["Zoe has 4 cards."], template="plain", max_new_tokens=10)[0]
+
+
+def test_chat_session(run_dir, model_dir):
+    """An interactive session driven through stdin: two turns, a reset, then /exit."""
+    result = subprocess.run([sys.executable, "-m", "peftlab.cli", "chat", "--adapter", str(run_dir), "--model",
+                             str(model_dir), "--max-new-tokens", "5"],
+                            input="Mia has 3 apples.\nAnd now?\n/reset\n/exit\n", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("model> ") == 2
