@@ -63,7 +63,7 @@ def plot(before: float, after: float, path: Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/demo", help="run directory (replaced if it holds a demo run)")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
     parser.add_argument("--train", type=int, default=960, help="training problems (default 960)")
     parser.add_argument("--test", type=int, default=100, help="held-out problems (default 100)")
     parser.add_argument("--max-new-tokens", type=int, default=64)

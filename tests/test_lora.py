@@ -134,3 +134,21 @@ def test_seeded_init_is_independent_of_global_rng():
     add_adapter(b, LoraConfig(r=4), seed=7)
     for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), na
+
+
+def test_gpt2_conv1d_layers(tokens):
+    """GPT-2 stores linear weights transposed (Conv1D): adapters, merging and PEFT export handle it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=262, n_embd=64, n_layer=2, n_head=4, n_positions=64)).eval()
+    reference = logits(model, tokens)
+    targets = add_adapter(model, LoraConfig(r=4), seed=0)
+    assert len(targets) == 8  # c_attn, c_proj (attention), c_fc, c_proj (MLP) per block
+    assert torch.equal(logits(model, tokens), reference)
+    randomize_adapters(model)
+    unmerged = logits(model, tokens)
+    merge(model)
+    assert (logits(model, tokens) - unmerged).abs().max() <= 1e-5
+    unmerge(model)
+    assert (logits(model, tokens) - unmerged).abs().max() <= 1e-5
