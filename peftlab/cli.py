@@ -290,11 +290,10 @@ def cmd_chat(args) -> int:
 # -- merge / export / info ----------------------------------------------------------------------
 
 def cmd_merge(args) -> int:
-    from peftlab.io import save_merged
+    from peftlab.io import refuse_existing, save_merged
 
     output = Path(args.output)
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise CliError(f"{output} already exists: choose a new directory or pass --overwrite")
+    refuse_existing(output, args.overwrite)  # before loading anything
     model, tokenizer = _load_model_and_adapter(args, padding_side="right")
     save_merged(model, tokenizer, output, overwrite=args.overwrite)
     print(f"merged checkpoint written to {output} (load it with AutoModelForCausalLM.from_pretrained)")
@@ -302,11 +301,10 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from peftlab.io import export_peft
+    from peftlab.io import export_peft, refuse_existing
 
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise CliError(f"{output} already exists: choose a new directory or pass --overwrite")
+    refuse_existing(output, args.overwrite)
     model, _ = _load_model_and_adapter(args, padding_side="right")
     export_peft(model, output, base_model_name=args.model)
     print(f"PEFT adapter written to {output} (load it with peft.PeftModel.from_pretrained)")

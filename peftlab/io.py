@@ -76,15 +76,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{path} is corrupt or not a safetensors file ({err}): re-save the adapter") from None
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool, marker_files: tuple[str, ...] = ()) -> Path:
-    """Refuse to write into a directory that already holds results, unless ``overwrite``."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory: choose another output path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} already holds files: choose a new directory or pass --overwrite")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """An output directory that already holds files is replaced only with ``overwrite``."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} already exists: choose a new directory or pass --overwrite")
 
 
 # -- peftlab format ---------------------------------------------------------------------------
@@ -282,8 +277,7 @@ def save_merged(model: nn.Module, tokenizer, path: str | Path, overwrite: bool =
     written into a temporary directory first, so an existing directory is only replaced when complete.
     """
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} already exists: choose a new directory or pass --overwrite")
+    refuse_existing(path, overwrite)
     unwrap(model, merge_active=True)
     if hasattr(model.config, "peftlab_base_name"):
         del model.config.peftlab_base_name

@@ -26,6 +26,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -317,7 +318,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
             batch = collate_fn([train_data[i] for i in indices[first:first + config.micro_batch_size]])
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = micro == accumulation - 1
-            with (accelerator.no_sync(wrapped) if not sync and world > 1 else _nullcontext()):
+            with (accelerator.no_sync(wrapped) if not sync and world > 1 else nullcontext()):
                 with accelerator.autocast():
                     # DDP averages gradients over processes, hence the factor `world`.
                     loss = objective.loss(wrapped, batch) * (world / max(1, n_label_tokens))
@@ -368,14 +369,6 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=output_dir, steps=end_step, final_loss=last_loss, history=history,
                        resumed_from=start_step)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()

@@ -87,10 +87,11 @@ class AdapterConfig:
         return dataclasses.replace(self, **changes)
 
 
-def positive(config: AdapterConfig, name: str, kind=int) -> None:
-    """Shared validation: ``config.<name>`` must be a positive number of type ``kind``."""
+def positive(config: AdapterConfig, name: str, kind: type = int) -> None:
+    """Shared validation: ``config.<name>`` must be a positive ``kind`` (an int also passes as a float)."""
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
+    accepted = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, accepted) or value <= 0:
         raise AdapterConfigError(f"{config.method} {name} must be a positive {kind.__name__}, got {value!r}")
 
 
