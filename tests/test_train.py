@@ -1,6 +1,5 @@
 """The training loop: batch-split invariance, exact resume, 2-process equivalence, schedules, run dirs."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from functools import partial
 
-from .formats import DataError, Example, write_examples  # noqa: F401  (write_examples: re-exported)
+from .formats import DataError, Example
 
 NAMES = (("Mia", "She"), ("Liam", "He"), ("Ava", "She"), ("Noah", "He"), ("Zoe", "She"), ("Omar", "He"),
          ("Priya", "She"), ("Kenji", "He"), ("Sofia", "She"), ("Lucas", "He"), ("Amara", "She"), ("Ivan", "He"))
