@@ -61,3 +61,23 @@ def test_lora_identity_merge_and_peft_on_embedded(embedded, tokens, tmp_path):
         # same math, different fp32 summation order (one addmm vs two matmuls and an add): equal to 1e-5 of
         # the logits' scale here; the tiny-model test in test_io.py holds the absolute 1e-5 bound
         assert (peft_model(tokens).logits - adapted).abs().max() <= 1e-5 * adapted.abs().max()
+
+
+def test_cli_train_on_real_gsm8k_then_generate(embedded, tmp_path, capsys):
+    """The whole path on real data: GSM8K records, the LLM-Adapters (alpaca) template, 2 steps, generate."""
+    import json
+
+    from conftest import shared_data
+    from peftlab.cli import main
+
+    data = shared_data("grade-school-math/train.jsonl")
+    run = tmp_path / "gsm8k"
+    assert main(["train", "--data", str(data), "--limit", "8", "--template", "alpaca", "--max-length", "192",
+                 "--max-steps", "2", "--batch-size", "4", "--micro-batch-size", "2", "--r", "4",
+                 "--targets", "q_proj,v_proj", "--output", str(run)]) == 0
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < loss < 20 for loss in losses)
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(run), "--template", "alpaca", "--max-new-tokens", "8",
+                 "--prompt", "Tom has 3 apples and buys 2 more. How many apples does he have?"]) == 0
+    assert capsys.readouterr().out.strip()
