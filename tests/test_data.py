@@ -2,7 +2,6 @@
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,9 @@ import torch
 from peftlab.data import tasks
 from peftlab.data import (IGNORE_INDEX, DataError, Example, arithmetic_splits, arithmetic_task, collate,
                           get_template, load_examples, tokenize_examples, write_examples)
+from conftest import shared_data
 from peftlab.models import tiny_tokenizer
 
-SHARED = Path("/work/shared/data")
 
 
 @pytest.fixture(scope="module")
@@ -124,9 +123,7 @@ def test_builtin_source():
 
 
 def test_real_shared_files():
-    svamp, gsm = SHARED / "LLM-Adapters/dataset/SVAMP/test.json", SHARED / "grade-school-math/train.jsonl"
-    if not (svamp.is_file() and gsm.is_file()):
-        pytest.skip(f"shared data not found at {SHARED}")
+    svamp, gsm = shared_data("LLM-Adapters/dataset/SVAMP/test.json"), shared_data("grade-school-math/train.jsonl")
     svamp_examples, gsm_examples = load_examples(str(svamp)), load_examples(str(gsm))
     assert len(svamp_examples) == 1000 and len(gsm_examples) == 7473
     assert all(float(e.answer) == float(e.answer) for e in svamp_examples)
