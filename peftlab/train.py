@@ -21,6 +21,7 @@ Bitune runs two prompt passes): the loop itself has no method-specific code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -294,10 +295,13 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
             with open(output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    @functools.lru_cache(maxsize=1)  # one permutation per epoch, not one per step
+    def epoch_order(epoch: int) -> torch.Tensor:
+        return torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed + epoch))
+
     def global_batch(step: int) -> list[int]:
         epoch, offset = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed + epoch))
-        indices = order[offset * config.batch_size:(offset + 1) * config.batch_size].tolist()
+        indices = epoch_order(epoch)[offset * config.batch_size:(offset + 1) * config.batch_size].tolist()
         # Sorting by length puts similar lengths in one micro-batch: less padding, same sum.
         return sorted(indices, key=lambda i: len(train_data[i]["input_ids"]))
 
