@@ -82,14 +82,15 @@ def main(argv=None) -> int:
     model = load_model(EMBEDDED_MODEL)
     before = score(model, tokenizer, test_examples, "before", output, args.max_new_tokens)
 
-    add_adapter(model, LoraConfig(r=8, alpha=16, dropout=0.05), seed=args.seed)
+    lora = LoraConfig(r=8, alpha=16, dropout=0.05)
+    add_adapter(model, lora, seed=args.seed)
     print(format_summary(trainable_summary(model)))
     data = tokenize_examples(train_examples, tokenizer, TEMPLATE, max_length=256)
     config = TrainConfig(output_dir=str(output), max_steps=args.steps, batch_size=8, micro_batch_size=8, lr=1e-3,
                          warmup_steps=10, schedule="cosine", seed=args.seed, log_every=5)
     train(model, data, config, tokenizer=tokenizer,
           run_info={"model": EMBEDDED_MODEL, "data": "builtin arithmetic (train.jsonl)", "template": TEMPLATE,
-                    "adapter": LoraConfig(r=8, alpha=16, dropout=0.05).to_dict()})
+                    "adapter": lora.to_dict()})
 
     after = score(model, tokenizer, test_examples, "after", output, args.max_new_tokens)
     plot(before, after, output / "accuracy.png")
