@@ -78,6 +78,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     adapter_class = method_class(config.method)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     targets = find_targets(model, config)
+    config = config.bind({t: _features(model.get_submodule(t)) for t in targets})
     for p in model.parameters():
         p.requires_grad_(False)
     for module_name in targets:
@@ -90,13 +91,23 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
         if module.merged:
             raise AdapterConfigError(f"layer {module_name} has merged adapters: unmerge before adding {name!r}")
         weight = module.base.weight
-        adapter = adapter_class(config, module.in_features, module.out_features)
+        adapter = adapter_class(config, module.in_features, module.out_features, layer_name=module_name)
         adapter.reset_parameters(generator)
         module.adapters[name] = adapter.to(device=weight.device, dtype=weight.dtype)
+    if config.sibo_lambda > 0:
+        from peftlab.boosters.sibo import attach_sibo
+
+        attach_sibo(model, name, config.sibo_lambda, config.sibo_targets)
     set_trainable(model)
     if activate:
         set_active(model, [name])
     return targets
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer, wrapped or not."""
+    layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
+    return layer.in_features, layer.out_features
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

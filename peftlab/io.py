@@ -192,34 +192,39 @@ def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], names: list
             target.copy_(tensors[key].to(target.dtype))
 
 
-# -- PEFT format (LoRA) -----------------------------------------------------------------------
+# -- PEFT format ------------------------------------------------------------------------------------
 
 _PEFT_PREFIX = "base_model.model."
 
 
 def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_model_name: str | None = None) -> Path:
-    """Write adapter ``name`` (a LoRA) in PEFT's format, loadable by ``PeftModel.from_pretrained``."""
+    """Write adapter ``name`` in PEFT's format, loadable by ``PeftModel.from_pretrained``.
+
+    Each method that PEFT has with the same parameterisation (LoRA, VeRA, OFT) supplies its config
+    fields and tensor names (``Adapter.peft_config``/``peft_tensors``); the rest is shared here.
+    """
     path = Path(path)
     layers = [(ln, layer) for ln, layer in adapter_layers(model) if name in layer.adapters]
     if not layers:
         raise AdapterFileError(f"the model has no adapter named {name!r}: it has {adapter_names(model)}")
-    config = layers[0][1].adapters[name].config
-    if config.method != "lora":
-        raise AdapterFileError(f"PEFT export covers LoRA only, adapter {name!r} is {config.method}: "
-                               "save it in peftlab's format with save_adapter()")
-    tensors = {}
-    for layer_name, layer in layers:
-        adapter = layer.adapters[name]
-        tensors[f"{_PEFT_PREFIX}{layer_name}.lora_A.weight"] = adapter.lora_A
-        tensors[f"{_PEFT_PREFIX}{layer_name}.lora_B.weight"] = adapter.lora_B
-    module_names = [ln for ln, _ in layers]
+    first = layers[0][1].adapters[name]
+    if first.config.sibo_lambda > 0:
+        raise AdapterFileError(f"adapter {name!r} has a SIBO booster, which PEFT does not have: save it in "
+                               "peftlab's format with save_adapter()")
+    try:
+        method_fields = first.peft_config()
+        tensors = {f"{_PEFT_PREFIX}{ln}.{key}": value for ln, layer in layers
+                   for key, value in layer.adapters[name].peft_tensors().items()}
+    except NotImplementedError as err:
+        raise AdapterFileError(f"cannot export adapter {name!r} to PEFT: {err}") from None
+    tensors.update(first.peft_shared_tensors())
+    if "fan_in_fan_out" in method_fields:  # GPT-2's Conv1D stores weights transposed; PEFT merges accordingly
+        method_fields["fan_in_fan_out"] = layers[0][1].fan_in_fan_out
     peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r, "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout, "use_rslora": config.use_rslora, "bias": "none",
+        "task_type": "CAUSAL_LM", **method_fields,
         # A regular expression that full-matches exactly the adapted layers: PEFT then wraps the same set.
-        "target_modules": "^(" + _exact_pattern(module_names) + ")$",
-        "fan_in_fan_out": layers[0][1].fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
-        "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+        "target_modules": "^(" + _exact_pattern([ln for ln, _ in layers]) + ")$",
+        "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": base_model_name or base_identity(model)["name"],
     }
     path.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,10 @@ class AdapterConfigError(ValueError):
 
 
 ALL_LINEAR = "all-linear"
+FFN_INPUT = "ffn-input"
+# Linear layers that read a transformer block's FFN input (the post-attention residual stream, of width
+# d_model), by architecture: Llama/Qwen/Gemma/Mistral, GPT-J/GPT-NeoX, GPT-2, BLOOM, Falcon, Phi.
+FFN_INPUT_NAMES = ("gate_proj", "up_proj", "fc_in", "c_fc", "dense_h_to_4h", "fc1", "w1", "w3")
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,18 @@ class AdapterConfig:
     method: ClassVar[str] = ""
     target_modules: str | tuple[str, ...] = ALL_LINEAR
     exclude_modules: tuple[str, ...] = ()
+    # SIBO booster (peftlab/boosters/sibo.py): the adapter's branch reads (1-λ)·x + λ·h0 in the layers
+    # named by sibo_targets ("ffn-input": the FFN's input projections, as in the SIBO paper).
+    sibo_lambda: float = 0.0
+    sibo_targets: str | tuple[str, ...] = FFN_INPUT
 
     def __post_init__(self):
         targets = self.target_modules
         if isinstance(targets, list):
             object.__setattr__(self, "target_modules", tuple(targets))
-        if isinstance(self.exclude_modules, list):
-            object.__setattr__(self, "exclude_modules", tuple(self.exclude_modules))
+        for name in ("exclude_modules", "sibo_targets"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(targets, str) and targets != ALL_LINEAR:
             try:
                 re.compile(targets)
@@ -62,7 +71,21 @@ class AdapterConfig:
                                          "give module names like q_proj,v_proj or 'all-linear'") from None
         elif not isinstance(targets, str) and not targets:
             raise AdapterConfigError("target_modules is empty: give module names like q_proj,v_proj or 'all-linear'")
+        lam = self.sibo_lambda
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
+            raise AdapterConfigError(f"sibo_lambda must be in [0, 1] (0 turns SIBO off), got {lam!r}")
+        if isinstance(self.sibo_targets, str) and self.sibo_targets != FFN_INPUT:
+            object.__setattr__(self, "sibo_targets", tuple(t for t in self.sibo_targets.split(",") if t))
         self.validate()
+
+    def bind(self, shapes: dict[str, tuple[int, int]]) -> "AdapterConfig":
+        """The config to use on a model whose targeted layers have ``shapes`` ({name: (in, out)}).
+
+        Called once per ``add_adapter``. A method whose state depends on the whole set of targeted
+        layers (VeRA sizes its shared projections to the largest one) records that here, in the
+        config, so that saving the config is enough to rebuild the adapter exactly.
+        """
+        return self
 
     def validate(self) -> None:
         """Method-specific checks; raise AdapterConfigError with the fix in the message."""
@@ -107,11 +130,12 @@ class Adapter(nn.Module):
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     mergeable: ClassVar[bool] = True
 
-    def __init__(self, config: AdapterConfig, in_features: int, out_features: int):
+    def __init__(self, config: AdapterConfig, in_features: int, out_features: int, layer_name: str = ""):
         super().__init__()
         self.config = config
         self.in_features = in_features
         self.out_features = out_features
+        self.layer_name = layer_name  # the adapted module's name in the model (some methods choose a side by it)
         # A booster (SIBO) may replace the input that feeds the adapter's own branch.
         self.branch_input: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -121,9 +145,47 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    # Methods whose forward reads its branch input through ``branch`` (additive ones: LoRA, VeRA, the
+    # bottleneck adapter) set this. For the others (multiplicative: ETHER, OFT) a booster uses the
+    # general form below.
+    reads_branch: ClassVar[bool] = False
+
+    @property
+    def branch_features(self) -> int:
+        """Width of the branch input a booster mixes into (the layer input, for most methods)."""
+        return self.in_features
+
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         """The input of the adapter's own branch: ``x`` unless a booster is attached."""
         return x if self.branch_input is None else self.branch_input(x)
+
+    def boosted(self, x: torch.Tensor, inner: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The forward with a booster attached. Any adapter is its frozen path plus a branch,
+        f(x) = inner(x) + [f(x) − inner(x)]; the booster feeds the branch m = branch(x) instead of x:
+
+            y = inner(x) + f(m) − inner(m)
+
+        which for an additive adapter is exactly inner(x) + Δ(m). Additive adapters do this
+        directly in ``forward`` (``reads_branch``); the general form costs one more frozen matmul.
+        """
+        if self.reads_branch or self.branch_input is None:
+            return self(x, inner)
+        m = self.branch_input(x)
+        return inner(x) + self(m, inner) - inner(m)
+
+    def peft_config(self) -> dict:
+        """The method's fields of a PEFT ``adapter_config.json``, for methods PEFT has with the
+        same parameterisation (see io.export_peft)."""
+        raise NotImplementedError(f"{self.config.method} adapters have no PEFT equivalent: save them in peftlab's "
+                                  "format" + (", or export them as an exact LoRA (--as lora)" if self.mergeable else ""))
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        """This layer's tensors under PEFT's names, relative to the layer (``lora_A.weight``)."""
+        raise NotImplementedError
+
+    def peft_shared_tensors(self) -> dict[str, torch.Tensor]:
+        """Model-level tensors PEFT stores once (VeRA's projections), relative to the model."""
+        return {}
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW of shape (out_features, in_features), for additive adapters."""
@@ -180,9 +242,14 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return
         for name in self.active:
-            if not self.adapters[name].mergeable:
-                raise AdapterConfigError(f"adapter {name!r} ({self.adapters[name].config.method}) cannot be merged "
-                                         "into the weight: keep it unmerged, or save the adapter file instead")
+            adapter = self.adapters[name]
+            if not adapter.mergeable:
+                raise AdapterConfigError(f"adapter {name!r} ({adapter.config.method}) cannot be merged into the "
+                                         "weight: keep it unmerged, or save the adapter file instead")
+            if adapter.branch_input is not None:
+                raise AdapterConfigError(
+                    f"adapter {name!r} has a SIBO booster (sibo_lambda={adapter.config.sibo_lambda}): its λ·Δ(h0) "
+                    "term depends on the input embedding and cannot be folded into the weight; keep it unmerged")
         weight = self._get_weight().clone()
         for name in self.active:
             weight = self.adapters[name].merged_weight(weight)
@@ -202,14 +269,18 @@ class AdapterLayer(nn.Module):
 
 
 class _Bound:
-    """``x -> adapter(x, inner)``: one link of the active chain (a plain object, not a Module)."""
-    __slots__ = ("adapter", "inner")
+    """``x -> adapter(x, inner)``: one link of the active chain (a plain object, not a Module).
+    ``bias`` is the frozen layer's bias, which output-side transforms leave untouched."""
+    __slots__ = ("adapter", "inner", "bias")
 
     def __init__(self, adapter: Adapter, inner):
         self.adapter, self.inner = adapter, inner
+        self.bias = getattr(inner, "bias", None)
 
     def __call__(self, x):
-        return self.adapter(x, self.inner)
+        if self.adapter.branch_input is None:
+            return self.adapter(x, self.inner)
+        return self.adapter.boosted(x, self.inner)
 
 
 # -- registry ----------------------------------------------------------------------------

@@ -40,9 +40,10 @@ class LoraConfig(AdapterConfig):
 @register
 class LoraAdapter(Adapter):
     config_class = LoraConfig
+    reads_branch = True
 
-    def __init__(self, config: LoraConfig, in_features: int, out_features: int):
-        super().__init__(config, in_features, out_features)
+    def __init__(self, config: LoraConfig, in_features: int, out_features: int, layer_name: str = ""):
+        super().__init__(config, in_features, out_features, layer_name)
         self.lora_A = nn.Parameter(torch.empty(config.r, in_features))
         self.lora_B = nn.Parameter(torch.empty(out_features, config.r))
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -65,3 +66,13 @@ class LoraAdapter(Adapter):
 
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling
+
+    # -- PEFT format: the same parameterisation, so the export is a renaming ------------------------
+    def peft_config(self):
+        c = self.config
+        return {"peft_type": "LORA", "r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
+                "use_rslora": c.use_rslora, "bias": "none", "init_lora_weights": True, "use_dora": False,
+                "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}}
+
+    def peft_tensors(self):
+        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
