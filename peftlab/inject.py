@@ -79,25 +79,34 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     targets = find_targets(model, config)
     config = config.bind({t: _features(model.get_submodule(t)) for t in targets})
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Build every adapter before touching the model, so that an error (a size that does not fit a
+    # layer) leaves the model unchanged.
+    built = []
     for module_name in targets:
         module = model.get_submodule(module_name)
+        if isinstance(module, AdapterLayer):
+            if name in module.adapters:
+                raise AdapterConfigError(f"layer {module_name} already has an adapter named {name!r}: choose another name")
+            if module.merged:
+                raise AdapterConfigError(f"layer {module_name} has merged adapters: unmerge before adding {name!r}")
+        in_features, out_features = _features(module)
+        adapter = adapter_class(config, in_features, out_features, layer_name=module_name)
+        adapter.reset_parameters(generator)
+        built.append((module_name, module, adapter))
+    for module_name, module, adapter in built:
         if not isinstance(module, AdapterLayer):
             module = AdapterLayer(module)
             _set_submodule(model, module_name, module)
-        if name in module.adapters:
-            raise AdapterConfigError(f"layer {module_name} already has an adapter named {name!r}: choose another name")
-        if module.merged:
-            raise AdapterConfigError(f"layer {module_name} has merged adapters: unmerge before adding {name!r}")
         weight = module.base.weight
-        adapter = adapter_class(config, module.in_features, module.out_features, layer_name=module_name)
-        adapter.reset_parameters(generator)
         module.adapters[name] = adapter.to(device=weight.device, dtype=weight.dtype)
     if config.sibo_lambda > 0:
         from peftlab.boosters.sibo import attach_sibo
 
-        attach_sibo(model, name, config.sibo_lambda, config.sibo_targets)
+        try:
+            attach_sibo(model, name, config.sibo_lambda, config.sibo_targets)
+        except AdapterConfigError:
+            remove_adapter(model, name)
+            raise
     set_trainable(model)
     if activate:
         set_active(model, [name])

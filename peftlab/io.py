@@ -197,11 +197,14 @@ def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], names: list
 _PEFT_PREFIX = "base_model.model."
 
 
-def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_model_name: str | None = None) -> Path:
+def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_model_name: str | None = None,
+                as_lora: bool = False) -> Path:
     """Write adapter ``name`` in PEFT's format, loadable by ``PeftModel.from_pretrained``.
 
     Each method that PEFT has with the same parameterisation (LoRA, VeRA, OFT) supplies its config
     fields and tensor names (``Adapter.peft_config``/``peft_tensors``); the rest is shared here.
+    With ``as_lora``, a method whose merged update is exactly low-rank (ETHER, ETHER+, VeRA) is written
+    as the equivalent PEFT LoRA, ΔW = B·A with scaling 1, so any LoRA runtime can serve it.
     """
     path = Path(path)
     layers = [(ln, layer) for ln, layer in adapter_layers(model) if name in layer.adapters]
@@ -212,12 +215,15 @@ def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_
         raise AdapterFileError(f"adapter {name!r} has a SIBO booster, which PEFT does not have: save it in "
                                "peftlab's format with save_adapter()")
     try:
-        method_fields = first.peft_config()
-        tensors = {f"{_PEFT_PREFIX}{ln}.{key}": value for ln, layer in layers
-                   for key, value in layer.adapters[name].peft_tensors().items()}
+        if as_lora:
+            method_fields, tensors = _exact_lora(layers, name)
+        else:
+            method_fields = first.peft_config()
+            tensors = {f"{_PEFT_PREFIX}{ln}.{key}": value for ln, layer in layers
+                       for key, value in layer.adapters[name].peft_tensors().items()}
+            tensors.update(first.peft_shared_tensors())
     except NotImplementedError as err:
         raise AdapterFileError(f"cannot export adapter {name!r} to PEFT: {err}") from None
-    tensors.update(first.peft_shared_tensors())
     if "fan_in_fan_out" in method_fields:  # GPT-2's Conv1D stores weights transposed; PEFT merges accordingly
         method_fields["fan_in_fan_out"] = layers[0][1].fan_in_fan_out
     peft_config = {
@@ -231,6 +237,23 @@ def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_
     _atomic_save_tensors(path / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
     _atomic_write_json(path / PEFT_CONFIG_FILE, peft_config)
     return path
+
+
+def _exact_lora(layers, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT LoRA fields and tensors with B·A equal to each layer's merged update (scaling α/r = 1)."""
+    tensors, ranks = {}, {}
+    for layer_name, layer in layers:
+        weight = layer._get_weight()
+        b, a = layer.adapters[name].low_rank_delta(weight)
+        tensors[f"{_PEFT_PREFIX}{layer_name}.lora_A.weight"] = a.to(weight.dtype)
+        tensors[f"{_PEFT_PREFIX}{layer_name}.lora_B.weight"] = b.to(weight.dtype)
+        ranks[layer_name] = a.shape[0]
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank; others by pattern
+    pattern = {re.escape(ln): k for ln, k in ranks.items() if k != r}
+    fields = {"peft_type": "LORA", "r": r, "lora_alpha": r, "lora_dropout": 0.0, "use_rslora": False, "bias": "none",
+              "init_lora_weights": True, "use_dora": False, "fan_in_fan_out": False,
+              "rank_pattern": pattern, "alpha_pattern": dict(pattern)}
+    return fields, tensors
 
 
 def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> LoraConfig:

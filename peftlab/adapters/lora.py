@@ -67,6 +67,9 @@ class LoraAdapter(Adapter):
     def delta_weight(self):
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def low_rank_delta(self, weight):
+        return self.lora_B * self.scaling, self.lora_A
+
     # -- PEFT format: the same parameterisation, so the export is a renaming ------------------------
     def peft_config(self):
         c = self.config

@@ -1,0 +1,228 @@
+"""ETHER and ETHER+: fine-tuning by hyperplane reflections (Bini et al., ICML 2024, arXiv:2405.20271).
+
+The frozen weight W (out × in) is multiplied by a block-diagonal matrix with n blocks of size b:
+
+    ETHER    H  = blockdiag(H_1 … H_n),   H_i = I − 2 û_i û_iᵀ               (a reflection: H² = I, HᵀH = I)
+    ETHER+   H⁺ = blockdiag(H⁺_1 … H⁺_n), H⁺_i = I − û_i û_iᵀ + v̂_i v̂_iᵀ     (symmetric, ‖H⁺ − I‖₂ ≤ 1)
+
+with û = u/‖u‖. Each block is a rank-k change of the identity, H_i = I + Q_i P_iᵀ:
+ETHER has P = û, Q = −2û (k = 1); ETHER+ has P = [û, v̂], Q = [−û, v̂] (k = 2).
+
+Where H acts:
+  * ``side="out"``:  y = H (W x) + b   (the paper's choice for the attention q/k/v projections);
+  * ``side="in"``:   y = W (H x) + b   (its choice for every other layer);
+  * ``etherplus_hh`` (the paper's "ETHER+"): both, y = H⁺_out W H⁺_in x + b.
+``side="auto"`` picks as the paper does; ``flip_side`` moves layers with fewer outputs than inputs
+(the MLP down-projection) to their smaller output side. The bias is never transformed.
+
+Initialisation as in the paper's code: u ~ U(±1/√fan_in) (kaiming-uniform, a = √5) with fan_in = b,
+except on the attention q/k/v, whose fused 3-D parameter had fan_in = n·b (the scale sets Adam's
+angular step size, so it is kept). ETHER therefore starts at a random reflection, not at the base
+model (‖H − I‖_F = 2 per block); ETHER+ sets v = −u, so H⁺ = I exactly at the start.
+
+Training applies H to activations, never building a dense d×d matrix: H z = z + Q(Pᵀz) is two thin
+products per token. Merging is exact: W' = H_out W H_in, computed block by block; unmerging uses
+(I + QPᵀ)⁻¹ = I − Q(I + PᵀQ)⁻¹Pᵀ (ETHER's reflection is its own inverse). ETHER+ is not orthogonal:
+unmerging amplifies the merged weight's rounding by cond(H⁺) = (1 + |sin θ|)/(1 − |sin θ|), θ = ∠(u, v),
+which is small for a trained adapter (near v = −u) but unbounded as u ⟂ v, where H⁺ is singular. Because W' − W has rank
+at most n·k per side, ``low_rank_delta`` writes it exactly as a LoRA update B·A (``export --as lora``).
+
+Deliberate difference from the released code: its input-side multiply reshapes the (out, in) weight
+so that output row-group r is multiplied by block H_r on every column chunk. That equals
+W·blockdiag(H) only for n = 1; we implement the true block-diagonal product W·blockdiag(H), which
+preserves the angles between neurons as the paper's analysis assumes (see the spec, §A2.3).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, positive, register
+
+SIDES = ("auto", "in", "out")
+# Attention input projections, whose output side the paper transforms (one block per head when n = heads).
+ATTENTION_QKV = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj", "query_key_value", "Wqkv")
+
+
+@dataclass(frozen=True)
+class EtherConfig(AdapterConfig):
+    method = "ether"
+    n_blocks: int = 32
+    side: str = "auto"
+    flip_side: bool = False
+
+    def validate(self):
+        positive(self, "n_blocks")
+        if self.side not in SIDES:
+            raise AdapterConfigError(f"{self.method} side must be one of {list(SIDES)}, got {self.side!r}")
+
+    def sides(self, layer_name: str, in_features: int, out_features: int) -> tuple[str, ...]:
+        """The sides H acts on in this layer: ("out",), ("in",) or both for the two-sided variant."""
+        if self.side != "auto":
+            return (self.side,)
+        if layer_name.rsplit(".", 1)[-1] in ATTENTION_QKV or (self.flip_side and out_features < in_features):
+            return ("out",)
+        return ("in",)
+
+
+@dataclass(frozen=True)
+class EtherPlusConfig(EtherConfig):
+    method = "etherplus"
+
+
+@dataclass(frozen=True)
+class EtherPlusHHConfig(EtherConfig):
+    method = "etherplus_hh"
+
+    def sides(self, layer_name, in_features, out_features):
+        return ("out", "in")
+
+
+def _unit(u: torch.Tensor) -> torch.Tensor:
+    # ‖u‖² is clamped so that a collapsing vector gives a finite û instead of NaN (the paper has no guard).
+    return u * torch.rsqrt((u * u).sum(-1, keepdim=True).clamp_min(1e-12))
+
+
+def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """(n, b, k) per-block columns → the (n·b, n·k) matrix with block i in rows and columns of block i."""
+    n, b, k = blocks.shape
+    return torch.einsum("nbk,nm->nbmk", blocks, torch.eye(n, dtype=blocks.dtype, device=blocks.device)).reshape(n * b, n * k)
+
+
+class _BlockTransform(nn.Module):
+    """H = blockdiag(I + Q_i P_iᵀ) on a d-dimensional side: the reflection vectors of one side."""
+
+    def __init__(self, plus: bool, dim: int, n_blocks: int, fan_in: int, layer_name: str):
+        super().__init__()
+        if dim % n_blocks:
+            raise AdapterConfigError(f"n_blocks={n_blocks} does not divide the {dim} features of {layer_name or 'a layer'}: "
+                                     "choose n_blocks dividing every adapted dimension (e.g. the number of KV heads)")
+        self.plus, self.fan_in = plus, fan_in
+        self.u = nn.Parameter(torch.empty(n_blocks, dim // n_blocks))
+        self.v = nn.Parameter(torch.empty(n_blocks, dim // n_blocks)) if plus else None
+
+    def reset_parameters(self, generator=None):
+        bound = 1.0 / math.sqrt(self.fan_in)
+        with torch.no_grad():
+            self.u.uniform_(-bound, bound, generator=generator)
+            if self.v is not None:
+                self.v.copy_(-self.u)  # v = −u: H⁺ = I − ûûᵀ + ûûᵀ = I exactly
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Q), each (n, b, k), with H_i = I + Q_i P_iᵀ."""
+        dtype = torch.promote_types(self.u.dtype, torch.float32)  # at least float32, as the paper advises
+        u = _unit(self.u.to(dtype))
+        if not self.plus:
+            return u[..., None], -2.0 * u[..., None]
+        v = _unit(self.v.to(dtype))
+        return torch.stack((u, v), -1), torch.stack((-u, v), -1)
+
+    def inverse_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Q') with H_i⁻¹ = I + Q'_i P_iᵀ: Woodbury, Q' = −Q(I + PᵀQ)⁻¹, in float64."""
+        p, q = (t.double() for t in self.factors())
+        small = torch.eye(p.shape[-1], dtype=p.dtype) + p.transpose(1, 2) @ q
+        return p, -q @ torch.linalg.inv(small)  # singular only when ETHER+ has u ⟂ v (H⁺ not invertible)
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """P, Q as (d, n·k) block-structured matrices: H = I + Q Pᵀ."""
+        p, q = self.factors()
+        return _block_diagonal(p), _block_diagonal(q)
+
+    def apply(self, z: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """H (z − shift) + shift on the last dimension; ``shift`` is the bias an output transform skips."""
+        p, q = self.dense()
+        p, q = p.to(z.dtype), q.to(z.dtype)
+        flat = z.reshape(-1, z.shape[-1])
+        s = flat @ p  # (tokens, n·k): the projections onto the reflection vectors
+        if shift is not None:
+            s = s - shift.to(z.dtype) @ p
+        return torch.addmm(flat, s, q.t()).view(z.shape)
+
+
+@register
+class EtherAdapter(Adapter):
+    config_class = EtherConfig
+    plus = False
+
+    def __init__(self, config: EtherConfig, in_features: int, out_features: int, layer_name: str = ""):
+        super().__init__(config, in_features, out_features, layer_name)
+        sides = config.sides(layer_name, in_features, out_features)
+        n = config.n_blocks
+        # The paper's code stored the q/k/v vectors as one (1, n, b) tensor, fan_in = n·b; others (n, b), fan_in = b.
+        qkv = layer_name.rsplit(".", 1)[-1] in ATTENTION_QKV
+        self.h_out = _BlockTransform(self.plus, out_features, n, out_features if qkv else out_features // n,
+                                     layer_name) if "out" in sides else None
+        self.h_in = _BlockTransform(self.plus, in_features, n, in_features if qkv else in_features // n,
+                                    layer_name) if "in" in sides else None
+
+    def transforms(self):
+        return [t for t in (self.h_out, self.h_in) if t is not None]
+
+    def reset_parameters(self, generator=None):
+        for transform in self.transforms():
+            transform.reset_parameters(generator)
+
+    def forward(self, x, inner):
+        if self.h_in is not None:
+            x = self.h_in.apply(x)
+        y = inner(x)
+        if self.h_out is not None:
+            y = self.h_out.apply(y, shift=inner.bias)
+        return y
+
+    # -- merging: W' = H_out W H_in, block by block ------------------------------------------------
+    def _transform_weight(self, weight: torch.Tensor, inverse: bool) -> torch.Tensor:
+        w = weight.double()
+        for transform, side in ((self.h_out, "out"), (self.h_in, "in")):
+            if transform is None:
+                continue
+            p, q = transform.inverse_factors() if inverse else (t.double() for t in transform.factors())
+            n, b, _ = p.shape
+            if side == "out":  # rows: W_i ← W_i + Q_i (P_iᵀ W_i)
+                blocks = w.view(n, b, -1)
+                w = (blocks + q @ (p.transpose(1, 2) @ blocks)).reshape(w.shape)
+            else:  # columns: W_{:,i} ← W_{:,i} + (W_{:,i} Q_i) P_iᵀ
+                blocks = w.view(-1, n, b).transpose(0, 1)  # (n, out, b)
+                w = (blocks + (blocks @ q) @ p.transpose(1, 2)).transpose(0, 1).reshape(w.shape)
+        return w.to(weight.dtype)
+
+    def merged_weight(self, weight):
+        return self._transform_weight(weight, inverse=False)
+
+    def unmerged_weight(self, weight):
+        # The inverse of H_out W H_in is H_out⁻¹ W' H_in⁻¹; the two sides commute, so the order is free.
+        return self._transform_weight(weight, inverse=True)
+
+    def low_rank_delta(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) with H_out W H_in − W = B A exactly, in float64: rank n·k per transformed side.
+
+            out side:  Q_o (P_oᵀ W)            in side:  (W Q_i) P_iᵀ
+            both:      Q_o (P_oᵀ W) + (H_out W Q_i) P_iᵀ
+        """
+        w = weight.double()
+        bs, as_ = [], []
+        if self.h_out is not None:
+            p, q = (t.double() for t in self.h_out.dense())
+            bs.append(q)
+            as_.append(p.t() @ w)
+            w = w + q @ as_[-1]  # H_out W, for the input side's term
+        if self.h_in is not None:
+            p, q = (t.double() for t in self.h_in.dense())
+            bs.append(w @ q)
+            as_.append(p.t())
+        return torch.cat(bs, 1), torch.cat(as_, 0)
+
+
+@register
+class EtherPlusAdapter(EtherAdapter):
+    config_class = EtherPlusConfig
+    plus = True
+
+
+@register
+class EtherPlusHHAdapter(EtherAdapter):
+    config_class = EtherPlusHHConfig
+    plus = True
