@@ -166,7 +166,11 @@ def set_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
 
 
 def merge(model: nn.Module) -> None:
-    for _, layer in adapter_layers(model):
+    """Fold the active adapters into the weights of every layer (all layers or, on an error, none)."""
+    layers = [layer for _, layer in adapter_layers(model)]
+    for layer in layers:
+        layer.check_mergeable()
+    for layer in layers:
         layer.merge()
 
 
@@ -177,9 +181,9 @@ def unmerge(model: nn.Module) -> None:
 
 def unwrap(model: nn.Module, merge_active: bool = True) -> nn.Module:
     """Replace every AdapterLayer by its base linear (merging the active adapters first, by default)."""
+    if merge_active:
+        merge(model)
     for name, layer in list(adapter_layers(model)):
-        if merge_active:
-            layer.merge()
         _set_submodule(model, name, layer.base)
     return model
 

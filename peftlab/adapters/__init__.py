@@ -1,9 +1,11 @@
 """Weight adapters: one file per method; importing this package registers them all."""
 from peftlab.adapters.base import (ALL_LINEAR, METHODS, Adapter, AdapterConfig, AdapterConfigError, AdapterLayer,
                                    config_from_dict, method_class)
+from peftlab.adapters.bottleneck import BottleneckConfig
 from peftlab.adapters.ether import EtherConfig, EtherPlusConfig, EtherPlusHHConfig
 from peftlab.adapters.lora import LoraAdapter, LoraConfig
+from peftlab.adapters.vera import VeraConfig
 
-__all__ = ["ALL_LINEAR", "METHODS", "Adapter", "AdapterConfig", "AdapterConfigError", "AdapterLayer", "EtherConfig",
-           "EtherPlusConfig", "EtherPlusHHConfig",
-           "LoraAdapter", "LoraConfig", "config_from_dict", "method_class"]
+__all__ = ["ALL_LINEAR", "METHODS", "Adapter", "AdapterConfig", "AdapterConfigError", "AdapterLayer",
+           "BottleneckConfig", "EtherConfig", "EtherPlusConfig", "EtherPlusHHConfig", "LoraAdapter", "LoraConfig",
+           "VeraConfig", "config_from_dict", "method_class"]

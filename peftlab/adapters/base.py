@@ -246,6 +246,15 @@ class AdapterLayer(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
+        self.check_mergeable()
+        weight = self._get_weight().clone()
+        for name in self.active:
+            weight = self.adapters[name].merged_weight(weight)
+        self._set_weight(weight)
+        self.merged = self.active
+
+    def check_mergeable(self) -> None:
+        """Raise AdapterConfigError if an active adapter cannot be folded into the weight."""
         for name in self.active:
             adapter = self.adapters[name]
             if not adapter.mergeable:
@@ -255,11 +264,6 @@ class AdapterLayer(nn.Module):
                 raise AdapterConfigError(
                     f"adapter {name!r} has a SIBO booster (sibo_lambda={adapter.config.sibo_lambda}): its λ·Δ(h0) "
                     "term depends on the input embedding and cannot be folded into the weight; keep it unmerged")
-        weight = self._get_weight().clone()
-        for name in self.active:
-            weight = self.adapters[name].merged_weight(weight)
-        self._set_weight(weight)
-        self.merged = self.active
 
     @torch.no_grad()
     def unmerge(self) -> None:
