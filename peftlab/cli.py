@@ -33,15 +33,17 @@ def _parse_targets(text: str):
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def _method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
-    """Every method-specific config field, with the methods that have it."""
-    from peftlab.adapters import METHODS, AdapterConfig
+TARGET_FIELDS = ("target_modules", "exclude_modules")  # set through --targets, not flags of their own
 
-    common = {f.name for f in dataclasses.fields(AdapterConfig)}
+
+def _method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every config field that becomes a flag (method options and the SIBO booster's), with its methods."""
+    from peftlab.adapters import METHODS
+
     fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
     for method, adapter_class in sorted(METHODS.items()):
         for field in dataclasses.fields(adapter_class.config_class):
-            if field.name not in common:
+            if field.name not in TARGET_FIELDS and not field.name.startswith("projection_shape"):
                 fields.setdefault(field.name, (field, []))[1].append(method)
     return fields
 
@@ -50,7 +52,19 @@ def _field_type(field: dataclasses.Field):
     default = field.default
     if isinstance(default, bool):
         return lambda text: text.lower() in ("1", "true", "yes", "on")
-    return type(default) if isinstance(default, (int, float)) else str
+    if isinstance(default, (int, float)):
+        number = type(default)
+        if "str" in str(field.type):  # a number or a keyword, e.g. bottleneck --scaling learned
+            return lambda text: _number_or_word(text, number)
+        return number
+    return str
+
+
+def _number_or_word(text: str, number: type):
+    try:
+        return number(text)
+    except ValueError:
+        return text
 
 
 def _load_model_and_adapter(args, padding_side: str = "left"):
@@ -82,7 +96,7 @@ def _load_model_and_adapter(args, padding_side: str = "left"):
 TRAIN_DEFAULTS = {
     "model": EMBEDDED_MODEL, "data": None, "eval_data": None, "eval_size": 0, "limit": None,
     "template": "chat", "max_length": 512, "train_on_prompt": False,
-    "method": "lora", "targets": "all-linear", "output": None, "overwrite": False, "resume": False,
+    "method": "lora", "targets": None, "output": None, "overwrite": False, "resume": False,
     "max_steps": None, "epochs": 1.0, "batch_size": 8, "micro_batch_size": 8, "lr": 2e-4, "weight_decay": 0.0,
     "warmup_steps": 0, "schedule": "cosine", "max_grad_norm": 1.0, "eval_every": 0, "save_every": 0,
     "keep_checkpoints": 2, "seed": 0, "mixed_precision": "no", "dtype": "float32",
@@ -104,11 +118,13 @@ def add_train_parser(sub) -> None:
     a("--max-length", type=int, help="truncate examples to this many tokens (default 512)")
     a("--train-on-prompt", action="store_true", default=None, help="also train on the prompt tokens")
     a("--method", help="adapter method (default lora); `peftlab info` lists them")
-    a("--targets", help="modules to adapt: all-linear (default), comma-separated names (q_proj,v_proj) "
-                        "or re:REGEX over full module names")
+    a("--targets", help="modules to adapt: all-linear, comma-separated names (q_proj,v_proj) or re:REGEX over "
+                        "full module names (default: the method's own, all-linear for most)")
+    from peftlab.adapters import METHODS
+
     for name, (field, methods) in _method_fields().items():
-        a(f"--{name.replace('_', '-')}", type=_field_type(field),
-          help=f"{'/'.join(methods)}: {name} (default {field.default})")
+        owners = "all methods" if len(methods) == len(METHODS) else "/".join(methods)
+        a(f"--{name.replace('_', '-')}", type=_field_type(field), help=f"{owners}: {name} (default {field.default})")
     a("--output", help="run directory (default runs/<method>)")
     a("--overwrite", action="store_true", default=None, help="replace the run already in --output")
     a("--resume", action="store_true", default=None, help="continue the run in --output from its latest checkpoint")
@@ -169,8 +185,10 @@ def cmd_train(args) -> int:
         raise CliError("no training data: pass --data FILE (or builtin:arithmetic), or set data: in --config")
     adapter_class = method_class(s["method"])
     method_values = {f.name: s[f.name] for f in dataclasses.fields(adapter_class.config_class)
-                     if f.name in s and f.name not in ("target_modules", "exclude_modules")}
-    adapter_config = adapter_class.config_class(target_modules=_parse_targets(str(s["targets"])), **method_values)
+                     if f.name in s and f.name not in TARGET_FIELDS}
+    if s["targets"]:
+        method_values["target_modules"] = _parse_targets(str(s["targets"]))
+    adapter_config = adapter_class.config_class(**method_values)
     unused = sorted(k for k in set(_method_fields()) & set(s) if k not in method_values)
     if unused:
         raise CliError(f"option(s) {unused} do not apply to method {s['method']}: remove them")

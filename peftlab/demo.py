@@ -21,8 +21,7 @@ import torch
 
 from peftlab.adapters import LoraConfig
 from peftlab.data import arithmetic_splits, tokenize_examples, write_examples
-from peftlab.evaluation.arithmetic import accuracy, is_correct
-from peftlab.generate import generate
+from peftlab.evaluation.arithmetic import score_generations
 from peftlab.inject import add_adapter, format_summary, trainable_summary
 from peftlab.models import EMBEDDED_MODEL, load_model, load_tokenizer
 from peftlab.train import TrainConfig, prepare_run_dir, train
@@ -32,15 +31,11 @@ TEMPLATE = "chat"  # the model's own chat template: its fairest zero-shot format
 
 def score(model, tokenizer, examples, label: str, output_dir: Path, max_new_tokens: int) -> float:
     started = time.perf_counter()
-    outputs = generate(model, tokenizer, [e.instruction for e in examples], template=TEMPLATE,
-                       max_new_tokens=max_new_tokens, batch_size=25, progress=True)
-    with open(output_dir / f"predictions_{label}.jsonl", "w") as f:
-        for example, output in zip(examples, outputs):
-            f.write(json.dumps({"instruction": example.instruction, "answer": example.answer, "output": output,
-                                "correct": is_correct(output, example.answer)}) + "\n")
-    result = accuracy(outputs, [e.answer for e in examples])
+    path = output_dir / f"predictions_{label}.jsonl"
+    result = score_generations(model, tokenizer, examples, TEMPLATE, path, max_new_tokens=max_new_tokens)
+    first = json.loads(path.read_text().splitlines()[0])
     print(f"[{label}] exact match {result:.1%} on {len(examples)} held-out problems "
-          f"({time.perf_counter() - started:.0f} s); e.g. {examples[0].instruction!r} -> {outputs[0].strip()!r}")
+          f"({time.perf_counter() - started:.0f} s); e.g. {first['instruction']!r} -> {first['output'].strip()!r}")
     return result
 
 

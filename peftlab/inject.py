@@ -98,7 +98,8 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
             module = AdapterLayer(module)
             _set_submodule(model, module_name, module)
         weight = module.base.weight
-        module.adapters[name] = adapter.to(device=weight.device, dtype=weight.dtype)
+        # A new module starts in training mode; follow the model's (dropout, COFT's projection).
+        module.adapters[name] = adapter.to(device=weight.device, dtype=weight.dtype).train(model.training)
     if config.sibo_lambda > 0:
         from peftlab.boosters.sibo import attach_sibo
 

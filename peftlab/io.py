@@ -7,8 +7,9 @@ A peftlab adapter directory holds two files, written atomically (a crash never l
     identity of the base model (name, architecture, a fingerprint of its weights).
 
 Loading checks the base model's identity and the exact set and shapes of the tensors, and changes
-nothing in the model when a check fails. LoRA also exports to and imports from PEFT's format
-(``adapter_config.json`` + ``adapter_model.safetensors``).
+nothing in the model when a check fails. LoRA, VeRA and OFT export to PEFT's format
+(``adapter_config.json`` + ``adapter_model.safetensors``), ETHER and VeRA also as an exact PEFT LoRA;
+LoRA imports from it.
 """
 from __future__ import annotations
 
@@ -224,6 +225,8 @@ def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_
             tensors.update(first.peft_shared_tensors())
     except NotImplementedError as err:
         raise AdapterFileError(f"cannot export adapter {name!r} to PEFT: {err}") from None
+    if method_fields.get("peft_type") == "OFT" and layers[0][1].fan_in_fan_out:
+        raise AdapterFileError("PEFT's OFT does not support GPT-2 Conv1D layers: save the adapter in peftlab's format")
     if "fan_in_fan_out" in method_fields:  # GPT-2's Conv1D stores weights transposed; PEFT merges accordingly
         method_fields["fan_in_fan_out"] = layers[0][1].fan_in_fan_out
     peft_config = {

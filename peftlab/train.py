@@ -28,7 +28,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -221,6 +221,7 @@ class TrainResult:
     final_loss: float
     history: list[dict]
     resumed_from: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # wall-clock time of each step of this call
 
 
 def prepare_run_dir(output_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
@@ -310,7 +311,9 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
                disable=not (config.progress and accelerator.is_main_process), dynamic_ncols=True)
     model.train()
     started, tokens_seen, last_loss, window = time.perf_counter(), 0, float("nan"), []
+    step_seconds = []
     for step in range(start_step, end_step):
+        step_started = time.perf_counter()
         indices = global_batch(step)
         n_label_tokens = sum(count_label_tokens(train_data[i]) for i in indices)
         lr = lr_at(step, config, total_steps)
@@ -339,6 +342,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         last_loss = float(accelerator.reduce(step_loss.reshape(1), reduction="mean"))
+        step_seconds.append(time.perf_counter() - step_started)
         window.append(last_loss)
         elapsed = time.perf_counter() - started
         bar.update(1)
@@ -372,7 +376,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
         plot_losses(history, output_dir / "loss.png")
     accelerator.wait_for_everyone()
     return TrainResult(output_dir=output_dir, steps=end_step, final_loss=last_loss, history=history,
-                       resumed_from=start_step)
+                       resumed_from=start_step, step_seconds=step_seconds)
 
 
 @torch.no_grad()

@@ -4,8 +4,9 @@ from peftlab.adapters.base import (ALL_LINEAR, METHODS, Adapter, AdapterConfig, 
 from peftlab.adapters.bottleneck import BottleneckConfig
 from peftlab.adapters.ether import EtherConfig, EtherPlusConfig, EtherPlusHHConfig
 from peftlab.adapters.lora import LoraAdapter, LoraConfig
+from peftlab.adapters.oft import OftConfig
 from peftlab.adapters.vera import VeraConfig
 
 __all__ = ["ALL_LINEAR", "METHODS", "Adapter", "AdapterConfig", "AdapterConfigError", "AdapterLayer",
            "BottleneckConfig", "EtherConfig", "EtherPlusConfig", "EtherPlusHHConfig", "LoraAdapter", "LoraConfig",
-           "VeraConfig", "config_from_dict", "method_class"]
+           "OftConfig", "VeraConfig", "config_from_dict", "method_class"]

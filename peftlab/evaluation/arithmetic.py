@@ -7,7 +7,9 @@ model is not rewarded merely for adopting the training format.
 """
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -34,3 +36,18 @@ def accuracy(predictions: list[str], golds: list[str]) -> float:
     if not golds:
         raise ValueError("no examples to score")
     return sum(is_correct(p, g) for p, g in zip(predictions, golds)) / len(golds)
+
+
+def score_generations(model, tokenizer, examples, template: str, path: str | Path | None = None,
+                      max_new_tokens: int = 64, batch_size: int = 25, progress: bool = True) -> float:
+    """Greedy answers to ``examples``; exact-match accuracy, with the predictions written to ``path`` (JSONL)."""
+    from peftlab.generate import generate
+
+    outputs = generate(model, tokenizer, [e.instruction for e in examples], template=template,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    if path is not None:
+        with open(path, "w") as f:
+            for example, output in zip(examples, outputs):
+                f.write(json.dumps({"instruction": example.instruction, "answer": example.answer, "output": output,
+                                    "correct": is_correct(output, example.answer)}) + "\n")
+    return accuracy(outputs, [e.answer for e in examples])
