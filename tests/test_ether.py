@@ -110,9 +110,11 @@ def _layer(adapter_class, config, in_features=16, out_features=8, bias=True, see
     return layer, adapter
 
 
+@pytest.mark.parametrize("plus", [False, True], ids=["ether", "etherplus"])
 @pytest.mark.parametrize("side", ["out", "in"])
-def test_operators_are_true_block_diagonal_products(side):
-    layer, adapter = _layer(EtherAdapter, EtherConfig(n_blocks=4, side=side))
+def test_operators_are_true_block_diagonal_products(side, plus):
+    adapter_class, config_class = (EtherPlusAdapter, EtherPlusConfig) if plus else (EtherAdapter, EtherConfig)
+    layer, adapter = _layer(adapter_class, config_class(n_blocks=4, side=side))
     w, b = layer.base.weight.detach(), layer.base.bias.detach()
     h = dense_h(adapter.h_out if side == "out" else adapter.h_in)
     expected = h @ w if side == "out" else w @ h  # L_n = blockdiag(H)·W,  R_n = W·blockdiag(H)
@@ -120,6 +122,8 @@ def test_operators_are_true_block_diagonal_products(side):
     x = torch.randn(5, 16, dtype=torch.float64)
     # the activation-side forward equals the weight-rebuild path, the bias untransformed
     assert torch.allclose(layer(x), x @ expected.t() + b, atol=1e-12)
+    if plus:
+        return
     if side == "out":  # orthogonal H on the left keeps WᵀW; on the right, W Wᵀ (the angles between neurons)
         assert torch.allclose(expected.t() @ expected, w.t() @ w, atol=1e-10)
     else:

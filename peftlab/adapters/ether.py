@@ -132,14 +132,26 @@ class _BlockTransform(nn.Module):
         return _block_diagonal(p), _block_diagonal(q)
 
     def apply(self, z: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
-        """H (z − shift) + shift on the last dimension; ``shift`` is the bias an output transform skips."""
-        p, q = self.dense()
+        """H (z − shift) + shift on the last dimension; ``shift`` is the bias an output transform skips.
+
+        Block i of a token: z_i + Q_i (P_iᵀ (z_i − shift_i)). Two forms, the faster of each on CPU (fwd+bwd,
+        512 tokens, d = 576, n = 32): ETHER's single vector broadcasts (1.4 ms against 2.3 ms for a dense
+        block-structured GEMM); ETHER+'s pairs go through one batched matmul per block (2.6 ms against 3.8 ms).
+        """
+        p, q = self.factors()
         p, q = p.to(z.dtype), q.to(z.dtype)
-        flat = z.reshape(-1, z.shape[-1])
-        s = flat @ p  # (tokens, n·k): the projections onto the reflection vectors
+        n, b, k = p.shape
+        blocks = z.reshape(-1, n, b)
+        if k == 1:  # ETHER: z_i − 2 û_i (û_i · (z_i − shift_i))
+            s = (blocks * p[..., 0]).sum(-1, keepdim=True)
+            if shift is not None:
+                s = s - (shift.to(z.dtype).view(n, b) * p[..., 0]).sum(-1, keepdim=True)
+            return (blocks + s * q[..., 0]).view(z.shape)
+        by_block = blocks.transpose(0, 1)  # (n, tokens, b)
+        s = torch.bmm(by_block, p)  # (n, tokens, k): the projections onto the block's vectors
         if shift is not None:
-            s = s - shift.to(z.dtype) @ p
-        return torch.addmm(flat, s, q.t()).view(z.shape)
+            s = s - (shift.to(z.dtype).view(n, 1, b) @ p)
+        return torch.baddbmm(by_block, s, q.transpose(1, 2)).transpose(0, 1).reshape(z.shape)
 
 
 @register
