@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: train | generate | chat | merge | export | info.
+"""The ``peftlab`` command: train | generate | chat | merge | export | compare | info.
 
 Every flag of ``train`` can also come from a YAML file (``--config run.yaml``, keys spelled as the
 flags with underscores); flags given on the command line win. Method hyper-parameters are flags
@@ -176,7 +176,7 @@ def _train_settings(args) -> dict:
 def cmd_train(args) -> int:
     from peftlab.adapters import method_class
     from peftlab.data import DataError, get_template, load_examples, tokenize_examples
-    from peftlab.inject import add_adapter, find_targets, format_summary, trainable_summary
+    from peftlab.inject import add_adapter, format_summary, trainable_summary
     from peftlab.models import load_model, load_tokenizer
     from peftlab.train import TrainConfig, prepare_run_dir, train
 
@@ -212,7 +212,9 @@ def cmd_train(args) -> int:
     tokenizer = load_tokenizer(s["model"])
     model = load_model(s["model"], dtype=s["dtype"])
     template = get_template(s["template"], tokenizer)
-    find_targets(model, adapter_config)  # a target that matches nothing fails before the run dir is touched
+    # The adapter goes in before the run dir is touched: a target that matches nothing or a size that does
+    # not fit a layer fails with the output directory untouched.
+    add_adapter(model, adapter_config, seed=s["seed"])
     train_data = tokenize_examples(examples, tokenizer, template, max_length=s["max_length"],
                                    train_on_prompt=bool(s["train_on_prompt"]))
     eval_data = tokenize_examples(eval_examples, tokenizer, template, max_length=s["max_length"]) \
@@ -221,7 +223,6 @@ def cmd_train(args) -> int:
     if train_data.n_truncated or train_data.n_dropped:
         print(f"note: {train_data.n_truncated} example(s) truncated and {train_data.n_dropped} dropped at "
               f"--max-length {s['max_length']}", file=sys.stderr)
-    add_adapter(model, adapter_config, seed=s["seed"])
     summary = trainable_summary(model)
     print(format_summary(summary))
     result = train(model, train_data, train_config, tokenizer=tokenizer, eval_data=eval_data, resume=bool(s["resume"]),
@@ -324,9 +325,32 @@ def cmd_export(args) -> int:
     output = Path(args.output)
     refuse_existing(output, args.overwrite)
     model, _ = _load_model_and_adapter(args, padding_side="right")
-    export_peft(model, output, base_model_name=args.model)
-    print(f"PEFT adapter written to {output} (load it with peft.PeftModel.from_pretrained)")
+    export_peft(model, output, base_model_name=args.model, as_lora=args.as_ == "lora")
+    kind = "an exact PEFT LoRA adapter" if args.as_ == "lora" else "PEFT adapter"
+    print(f"{kind} written to {output} (load it with peft.PeftModel.from_pretrained)")
     return 0
+
+
+def cmd_compare(args) -> int:
+    from peftlab.compare import run
+
+    return run(args)
+
+
+def _parameter_counts(model) -> list[tuple[str, str]]:
+    """(method, trainable parameters with its defaults on ``model``, or why it does not fit)."""
+    from peftlab.adapters import METHODS, AdapterConfigError
+    from peftlab.inject import add_adapter, remove_adapter, trainable_summary
+
+    rows = []
+    for method, adapter_class in sorted(METHODS.items()):
+        try:
+            add_adapter(model, adapter_class.config_class(), name="count")
+            rows.append((method, f"{trainable_summary(model)['trainable']:,}"))
+            remove_adapter(model, "count")
+        except AdapterConfigError as err:
+            rows.append((method, f"does not fit with its defaults: {err}"))
+    return rows
 
 
 def cmd_info(args) -> int:
@@ -359,6 +383,9 @@ def cmd_info(args) -> int:
         names = _linear_names(model)
         print(f"model {args.model}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
               f"{len(names)} adaptable linear layers named {sorted({n.rsplit('.', 1)[-1] for n in names})}")
+        print("trainable parameters of each method with its defaults on this model:")
+        for method, count in _parameter_counts(model):
+            print(f"  {method:12s} {count}")
     return 0
 
 
@@ -382,14 +409,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, output_help, run in (
             ("merge", "merge an adapter into a plain transformers checkpoint", "directory for the merged checkpoint",
              cmd_merge),
-            ("export", "export a LoRA adapter in PEFT's format",
+            ("export", "export an adapter in PEFT's format (LoRA, VeRA, OFT; ETHER and VeRA --as lora)",
              "directory for adapter_config.json + adapter_model.safetensors", cmd_export)):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
         p.add_argument("--adapter", required=True, help="run directory with adapter.json (or a PEFT LoRA directory)")
         p.add_argument("--output", required=True, help=output_help)
         p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+        if name == "export":
+            p.add_argument("--as", dest="as_", choices=["peft", "lora"], default="peft",
+                           help="peft: the same method in PEFT (default); lora: an exact LoRA with the same merged "
+                                "weights (ETHER family, VeRA, LoRA), servable by any LoRA runtime")
         p.set_defaults(run=run)
+
+    p = sub.add_parser("compare", help="train several methods on one budget; one table and plot",
+                       description="Train several methods on the same data, budget and seed and compare them.")
+    from peftlab.compare import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(run=cmd_compare)
 
     p = sub.add_parser("info", help="list methods; describe a model or an adapter file")
     p.add_argument("--model", help="describe this model's adaptable layers")

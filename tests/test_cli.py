@@ -156,3 +156,76 @@ def test_chat_session(run_dir, model_dir):
                             input="Mia has 3 apples.\nAnd now?\n/reset\n/exit\n", capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("model> ") == 2
+
+
+METHOD_FLAGS = {"vera": ["--r", "16"], "oft": ["--block-size", "16"], "ether": ["--n-blocks", "4"],
+                "etherplus": ["--n-blocks", "4"], "etherplus_hh": ["--n-blocks", "4"],
+                "bottleneck": ["--bottleneck-size", "8", "--scaling", "learned", "--init", "zero_up"]}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_FLAGS))
+def test_train_every_method_with_sibo(model_dir, tmp_path, method):
+    """Every method trains from the command line, with its own flags and the SIBO booster, and reloads."""
+    from peftlab.boosters import boosted_layers
+    from peftlab.io import load_adapter
+
+    out = tmp_path / method
+    assert main(["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--template", "plain",
+                 "--max-steps", "1", "--batch-size", "4", "--method", method, "--sibo-lambda", "0.2",
+                 "--output", str(out)] + METHOD_FLAGS[method]) == 0
+    config = json.loads((out / "adapter.json").read_text())["adapters"]["default"]
+    assert config["method"] == method and config["sibo_lambda"] == 0.2
+    model = tiny_model(seed=0)
+    load_adapter(model, out)
+    assert boosted_layers(model)  # the booster comes back with the adapter
+    if method == "bottleneck":
+        assert config["scaling"] == "learned" and config["target_modules"]  # the method's own default targets
+
+
+def test_bad_method_flags(model_dir, capsys, tmp_path):
+    base = ["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--output", str(tmp_path / "x")]
+    assert "unknown adapter method 'dora2'" in fail(capsys, base + ["--method", "dora2"])
+    assert "do not apply to method lora" in fail(capsys, base + ["--n-blocks", "4"])
+    assert "n_blocks=3 does not divide" in fail(capsys, base + ["--method", "ether", "--n-blocks", "3"])
+    assert "sibo_lambda must be in [0, 1]" in fail(capsys, base + ["--sibo-lambda", "2"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_info_lists_methods_with_parameter_counts(model_dir, capsys):
+    assert main(["info", "--model", str(model_dir)]) == 0
+    out = capsys.readouterr().out
+    for method in ["bottleneck", "ether", "etherplus", "etherplus_hh", "lora", "oft", "vera"]:
+        assert f"  {method} " in out
+    assert "  lora         16,384" in out  # r 8 on 14 layers of the tiny model (checked in test_lora)
+
+
+def test_export_ether_as_lora(model_dir, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    from peftlab.io import load_adapter
+
+    run = tmp_path / "ether"
+    assert main(["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--template", "plain",
+                 "--max-steps", "2", "--batch-size", "4", "--lr", "0.05", "--method", "etherplus_hh", "--n-blocks", "4",
+                 "--output", str(run)]) == 0
+    assert "no PEFT equivalent" in fail(capsys, ["export", "--model", str(model_dir), "--adapter", str(run),
+                                                 "--output", str(tmp_path / "peft")])
+    assert main(["export", "--model", str(model_dir), "--adapter", str(run), "--as", "lora",
+                 "--output", str(tmp_path / "lora")]) == 0
+    tokens = torch.randint(4, 262, (2, 10), generator=torch.Generator().manual_seed(0))
+    ours = tiny_model(seed=0)
+    load_adapter(ours, run)
+    served = peft.PeftModel.from_pretrained(tiny_model(seed=0), tmp_path / "lora")
+    with torch.no_grad():
+        assert (ours(tokens).logits - served(tokens).logits).abs().max() <= 1e-5
+
+
+def test_compare_runs_methods_side_by_side(model_dir, tmp_path, capsys):
+    out = tmp_path / "compare"
+    assert main(["compare", "--model", str(model_dir), "--methods", "lora,ether", "--steps", "2", "--train", "16",
+                 "--test", "2", "--batch-size", "4", "--max-new-tokens", "2", "--output", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert [r["method"] for r in summary["results"]] == ["base", "lora", "ether"]
+    assert summary["results"][1]["trainable"] == 16_384 and summary["results"][0]["trainable"] == 0
+    assert all(r["step_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in summary["results"][1:])
+    assert (out / "compare.png").is_file() and "| ether |" in capsys.readouterr().out
+    assert "already exists" in fail(capsys, ["compare", "--model", str(model_dir), "--output", str(out)])

@@ -13,7 +13,9 @@ The frozen path still reads x. For LoRA on a layer W this gives
 and for any other adapter f around the frozen layer g, y = g(x) + f(m) − g(m) with m the mixed input
 (``Adapter.boosted``). λ = 0 is the plain adapter. As in the paper's code, h0 is injected only in
 the layers that read the FFN input (``up_proj`` for its LoRA-SIBO, ``gate_proj``/``up_proj`` for its
-Adapter-SIBO on LLaMA): ``sibo_targets="ffn-input"``; any list of layer-name suffixes may replace it.
+Adapter-SIBO on LLaMA): ``sibo_targets="ffn-input"``; an adapter placed only after the FFN (AdapterH
+on ``down_proj``) is boosted there instead, as the paper's GPT-J Adapter-SIBO. Any list of
+layer-name suffixes may replace the default.
 
 h0 is captured by a forward hook on the input embedding, so it is always the embedding of the
 tokens of the current forward: the whole sequence in training, only the new tokens in cached
@@ -74,17 +76,25 @@ def initial_residual(model: nn.Module) -> InitialResidual:
     return context
 
 
-def _is_target(layer_name: str, targets) -> bool:
-    suffixes = FFN_INPUT_NAMES if targets == FFN_INPUT else targets
+# When an adapter sits only after the FFN (AdapterH's default, post on down_proj), "ffn-input" means
+# that FFN adapter instead, as SIBO's GPT-J Adapter-SIBO mixes h0 into its one FFN-side adapter.
+FFN_OUTPUT_NAMES = ("down_proj", "fc_out", "dense_4h_to_h", "fc2", "w2")
+
+
+def _is_target(layer_name: str, suffixes) -> bool:
     return any(layer_name == t or layer_name.endswith("." + t) for t in suffixes)
 
 
 def attach_sibo(model: nn.Module, adapter: str, lam: float, targets=FFN_INPUT) -> list[str]:
     """Boost adapter ``adapter`` with λ = ``lam`` in the layers ``targets`` names; returns their names."""
     context = initial_residual(model)
+    layers = [name for name, layer in model.named_modules() if isinstance(layer, AdapterLayer) and adapter in layer.adapters]
+    suffixes = targets
+    if targets == FFN_INPUT:
+        suffixes = FFN_INPUT_NAMES if any(_is_target(n, FFN_INPUT_NAMES) for n in layers) else FFN_OUTPUT_NAMES
     boosted = []
     for layer_name, layer in model.named_modules():
-        if isinstance(layer, AdapterLayer) and adapter in layer.adapters and _is_target(layer_name, targets):
+        if layer_name in layers and _is_target(layer_name, suffixes):
             module = layer.adapters[adapter]
             if module.branch_features != context.width:
                 raise AdapterConfigError(
