@@ -7,8 +7,9 @@ Variants, all on the same base model and batch, held in one process:
 
   base          every weight frozen, activation gradients only (the floor of any adapter method;
                 see bench/lora_step.py);
-  <method>      peftlab's adapter with its defaults, on every linear layer (bottleneck: its own
-                default placement, after attention and after the FFN, as ``peftlab train`` runs it);
+  <method>      peftlab's adapter with its defaults, on every linear layer (ETHER too, whose own
+                default is the paper's q/v; bottleneck: its own default placement, after attention
+                and after the FFN, as ``peftlab train`` runs it);
   peft-<name>   ``peft``'s same method on the same layers: LoRA (r 8), VeRA (r 256), OFT (block 32,
                 exact Cayley, as ours) and HRA (r 8, PEFT's default), the Householder method
                 closest to ETHER (HRA with r = 1 equals ETHER with one block on the input side).
@@ -42,7 +43,9 @@ from peftlab.models import EMBEDDED_MODEL, load_model  # noqa: E402
 OURS = ("lora", "vera", "oft", "ether", "etherplus", "etherplus_hh", "bottleneck")
 PEFT_COUNTERPART = {"lora": "peft-lora", "vera": "peft-vera", "oft": "peft-oft", "ether": "peft-hra",
                     "etherplus": "peft-hra", "etherplus_hh": "peft-hra"}
-OUR_OPTIONS = {"lora": {"r": 8, "alpha": 16.0}, "bottleneck": {}}  # the others: their defaults, all-linear
+# Every method on every linear layer (ETHER's default is the paper's q/v), with its defaults otherwise;
+# the bottleneck adapter at its own default placement.
+OUR_OPTIONS = {"lora": {"r": 8, "alpha": 16.0}, "ether": {"target_modules": "all-linear"}}
 TARGET_VS_BASE = 1.08
 TARGET_ETHER_VS_HRA = 1 / 4  # at least 4x faster than peft's HRA
 

@@ -158,8 +158,8 @@ def test_chat_session(run_dir, model_dir):
     assert result.stdout.count("model> ") == 2
 
 
-METHOD_FLAGS = {"vera": ["--r", "16"], "oft": ["--block-size", "16"], "ether": ["--n-blocks", "4"],
-                "etherplus": ["--n-blocks", "4"], "etherplus_hh": ["--n-blocks", "4"],
+METHOD_FLAGS = {"vera": ["--r", "16"], "oft": ["--block-size", "16"],
+                "ether": ["--n-blocks", "4", "--targets", "all-linear"], "etherplus": ["--n-blocks", "4"], "etherplus_hh": ["--n-blocks", "4"],
                 "bottleneck": ["--bottleneck-size", "8", "--scaling", "learned", "--init", "zero_up"]}
 
 

@@ -70,6 +70,11 @@ def test_ether_plus_starts_at_the_base_model(tiny, tokens, config_class):
     assert (logits(tiny, tokens) - reference).abs().max() <= 1e-6
 
 
+def test_default_targets():
+    assert EtherConfig().target_modules == ("q_proj", "v_proj")  # the paper's; ETHER starts at a random reflection
+    assert EtherPlusConfig().target_modules == EtherPlusHHConfig().target_modules == "all-linear"
+
+
 def test_ether_starts_at_a_random_reflection(tiny, tokens):
     reference = logits(tiny, tokens)
     norms = {n: p.norm() for n, p in tiny.named_parameters()}
@@ -82,7 +87,7 @@ def test_ether_starts_at_a_random_reflection(tiny, tokens):
 
 
 def test_sides_as_in_the_paper(tiny):
-    add_adapter(tiny, EtherConfig(n_blocks=4), seed=0)
+    add_adapter(tiny, EtherConfig(n_blocks=4, target_modules="all-linear"), seed=0)
     sides = {name.split(".")[-1]: (a.h_out is not None, a.h_in is not None)
              for name, layer in adapter_layers(tiny) for a in [layer.adapters["default"]]}
     assert sides["q_proj"] == sides["k_proj"] == sides["v_proj"] == (True, False)  # H·W on attention q/k/v

@@ -126,7 +126,7 @@ def test_merge_is_refused(tiny, tokens):
 def test_round_trip_keeps_the_booster(tiny, tokens, tmp_path):
     from peftlab.io import load_adapter, save_adapter
 
-    add_adapter(tiny, EtherConfig(n_blocks=4, sibo_lambda=LAM), seed=0)
+    add_adapter(tiny, EtherConfig(n_blocks=4, target_modules="all-linear", sibo_lambda=LAM), seed=0)
     randomize_adapters(tiny)
     save_adapter(tiny, tmp_path / "run")
     fresh = tiny_model(seed=0)

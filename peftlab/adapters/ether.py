@@ -50,6 +50,10 @@ ATTENTION_QKV = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn"
 @dataclass(frozen=True)
 class EtherConfig(AdapterConfig):
     method = "ether"
+    # The paper adapts q and v only. ETHER starts at a random reflection, and one in every linear layer
+    # wrecks a small model (SmolLM2-135M: 0 % on the built-in task after 30 steps, docs/results.md).
+    # ETHER+ starts at the identity, so its configs default to every linear layer like the other methods.
+    target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")
     n_blocks: int = 32
     side: str = "auto"
     flip_side: bool = False
@@ -71,11 +75,13 @@ class EtherConfig(AdapterConfig):
 @dataclass(frozen=True)
 class EtherPlusConfig(EtherConfig):
     method = "etherplus"
+    target_modules: str | tuple[str, ...] = "all-linear"
 
 
 @dataclass(frozen=True)
 class EtherPlusHHConfig(EtherConfig):
     method = "etherplus_hh"
+    target_modules: str | tuple[str, ...] = "all-linear"
 
     def sides(self, layer_name, in_features, out_features):
         return ("out", "in")
