@@ -245,7 +245,7 @@ def test_one_block_equals_peft_hra_rank_one(tiny, tokens):
     """ETHER with one block on the input side is PEFT's HRA with r = 1 (one Householder reflection)."""
     peft = pytest.importorskip("peft")
     ours = tiny_model(seed=0)
-    add_adapter(ours, EtherConfig(n_blocks=1, side="in"), seed=0)
+    add_adapter(ours, EtherConfig(n_blocks=1, side="in", target_modules="all-linear"), seed=0)
     theirs = peft.get_peft_model(tiny, peft.HRAConfig(r=1, target_modules="all-linear", init_weights=False))
     with torch.no_grad():
         for name, layer in adapter_layers(ours):
