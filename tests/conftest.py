@@ -38,6 +38,40 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.1) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
+def logits(model, tokens, **kwargs):
+    with torch.no_grad():
+        return model(tokens, **kwargs).logits
+
+
+def check_merge_round_trip(model, tokens, base_weights: dict, changed_by: float = 1e-3, weight_tol: float = 1e-5):
+    """The adapter changes the output by more than ``changed_by``; merging keeps the output (≤ 1e-5) and
+    unmerging restores every base weight (≤ ``weight_tol``); ``base_weights`` from before add_adapter."""
+    from peftlab.inject import merge, unmerge
+
+    unmerged = logits(model, tokens)
+    assert (unmerged - logits(tiny_model(seed=0), tokens)).abs().max() > changed_by  # the adapter does something
+    merge(model)
+    assert (logits(model, tokens) - unmerged).abs().max() <= 1e-5
+    unmerge(model)
+    assert (logits(model, tokens) - unmerged).abs().max() <= 1e-5
+    for name, p in model.named_parameters():
+        if ".adapters." not in name:
+            assert (p - base_weights[name.replace(".base.", ".")]).abs().max() <= weight_tol, name
+
+
+def check_seeded_init(config) -> None:
+    """Adapter init with a seed is the same whatever the global RNG did before."""
+    from peftlab.inject import add_adapter
+
+    a, b = tiny_model(), tiny_model()
+    add_adapter(a, config, seed=7)
+    torch.manual_seed(123)
+    torch.rand(10)
+    add_adapter(b, config, seed=7)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+
+
 def shared_data(relative: str) -> Path:
     path = SHARED_DATA / relative
     if not path.exists():

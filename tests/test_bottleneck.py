@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import randomize_adapters
+from conftest import check_seeded_init, logits, randomize_adapters
 from peftlab.adapters.base import AdapterConfigError, AdapterLayer
 from peftlab.adapters.bottleneck import BottleneckConfig
 from peftlab.boosters.sibo import boosted_layers
@@ -17,10 +17,6 @@ from peftlab.models import tiny_model
 
 PLACEMENTS = ("post", "pre", "parallel")
 
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def adapters(model, name="default"):
@@ -228,13 +224,7 @@ def test_save_load_round_trip(tiny, tokens, tmp_path, placement):
 
 
 def test_seeded_init_is_independent_of_global_rng():
-    a, b = tiny_model(), tiny_model()
-    add_adapter(a, BottleneckConfig(bottleneck_size=8), seed=7)
-    torch.manual_seed(123)
-    torch.rand(10)
-    add_adapter(b, BottleneckConfig(bottleneck_size=8), seed=7)
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        assert torch.equal(pa, pb), name
+    check_seeded_init(BottleneckConfig(bottleneck_size=8))
 
 
 def test_default_targets_follow_houlsby(tiny):

@@ -5,18 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_adapters
+from conftest import check_merge_round_trip, logits, randomize_adapters
 from peftlab.adapters import AdapterConfigError, AdapterLayer, EtherConfig, EtherPlusConfig, EtherPlusHHConfig
 from peftlab.adapters.ether import EtherAdapter, EtherPlusAdapter, EtherPlusHHAdapter, _BlockTransform
-from peftlab.inject import adapter_layers, add_adapter, merge, unmerge
+from peftlab.inject import adapter_layers, add_adapter, merge
 from peftlab.models import tiny_model
 
 CONFIGS = [EtherConfig, EtherPlusConfig, EtherPlusHHConfig]
 
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def dense_h(transform: _BlockTransform) -> torch.Tensor:
@@ -176,15 +172,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(tiny, tokens, config_class):
     base = {n: p.clone() for n, p in tiny.named_parameters()}
     add_adapter(tiny, config_class(n_blocks=4), seed=0)
     perturb(tiny)
-    unmerged = logits(tiny, tokens)
-    assert (unmerged - logits(tiny_model(seed=0), tokens)).abs().max() > 1e-3
-    merge(tiny)
-    assert (logits(tiny, tokens) - unmerged).abs().max() <= 1e-5
-    unmerge(tiny)
-    assert (logits(tiny, tokens) - unmerged).abs().max() <= 1e-5
-    for name, p in tiny.named_parameters():
-        if ".adapters." not in name:
-            assert (p - base[name.replace(".base.", ".")]).abs().max() <= 1e-5, name
+    check_merge_round_trip(tiny, tokens, base)
 
 
 @pytest.mark.parametrize("config_class", CONFIGS)

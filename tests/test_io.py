@@ -6,16 +6,12 @@ import sys
 import pytest
 import torch
 
-from conftest import randomize_adapters
+from conftest import logits, randomize_adapters
 from peftlab.adapters import LoraConfig
 from peftlab.inject import adapter_names, add_adapter, set_active
 from peftlab.io import (AdapterFileError, export_peft, import_peft, load_adapter, save_adapter, save_merged)
 from peftlab.models import tiny_model, tiny_tokenizer
 
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 @pytest.fixture

@@ -2,16 +2,12 @@
 import pytest
 import torch
 
-from conftest import randomize_adapters
+from conftest import check_merge_round_trip, check_seeded_init, logits, randomize_adapters
 from peftlab.adapters import AdapterConfigError, AdapterLayer, LoraConfig
 from peftlab.inject import (active_adapters, add_adapter, adapter_names, find_targets, merge, remove_adapter,
                             set_active, trainable_summary, unmerge, unwrap)
 from peftlab.models import tiny_model
 
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def test_zero_init_lora_equals_base(tiny, tokens):
@@ -26,16 +22,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(tiny, tokens):
     base_weights = {n: p.clone() for n, p in tiny.named_parameters()}
     add_adapter(tiny, LoraConfig(r=4, alpha=8), seed=0)
     randomize_adapters(tiny)
-    unmerged = logits(tiny, tokens)
-    assert (unmerged - logits(tiny_model(seed=0), tokens)).abs().max() > 1e-3  # the adapter does something
-    merge(tiny)
-    assert (logits(tiny, tokens) - unmerged).abs().max() <= 1e-5
-    unmerge(tiny)
-    assert (logits(tiny, tokens) - unmerged).abs().max() <= 1e-5
-    for name, p in tiny.named_parameters():
-        if ".adapters." not in name:
-            original = base_weights[name.replace(".base.", ".")]
-            assert (p - original).abs().max() <= 1e-6, name
+    check_merge_round_trip(tiny, tokens, base_weights, weight_tol=1e-6)
 
 
 def test_merge_matches_closed_form(tiny):
@@ -127,13 +114,7 @@ def test_unwrap_gives_plain_model(tiny, tokens):
 
 
 def test_seeded_init_is_independent_of_global_rng():
-    a, b = tiny_model(), tiny_model()
-    add_adapter(a, LoraConfig(r=4), seed=7)
-    torch.manual_seed(123)
-    torch.rand(10)
-    add_adapter(b, LoraConfig(r=4), seed=7)
-    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
-        assert torch.equal(pa, pb), na
+    check_seeded_init(LoraConfig(r=4))
 
 
 def test_gpt2_conv1d_layers(tokens):

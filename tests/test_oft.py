@@ -7,17 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_adapters
+from conftest import check_merge_round_trip, logits, randomize_adapters
 from peftlab.adapters.base import AdapterConfigError, AdapterLayer
 from peftlab.adapters.oft import OftAdapter, OftConfig, cayley, coft_project
 from peftlab.inject import adapter_layers, add_adapter, merge, unmerge
 from peftlab.io import export_peft, load_adapter, save_adapter
 from peftlab.models import tiny_model
 
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def adapters(model):
@@ -112,15 +108,7 @@ def test_merge_equals_unmerged_and_unmerge_restores(tiny, tokens):
     base_weights = {n: p.clone() for n, p in tiny.named_parameters()}
     add_adapter(tiny, OftConfig(block_size=32), seed=0)
     randomize_adapters(tiny, std=0.2)
-    unmerged = logits(tiny, tokens)
-    assert (unmerged - logits(tiny_model(seed=0), tokens)).abs().max() > 1e-2
-    merge(tiny)
-    assert (logits(tiny, tokens) - unmerged).abs().max() <= 1e-5
-    unmerge(tiny)
-    assert (logits(tiny, tokens) - unmerged).abs().max() <= 1e-5
-    for name, p in tiny.named_parameters():
-        if ".adapters." not in name:
-            assert (p - base_weights[name.replace(".base.", ".")]).abs().max() <= 1e-5, name
+    check_merge_round_trip(tiny, tokens, base_weights, changed_by=1e-2)
 
 
 def test_merged_weight_is_w_blockdiag_r_transposed():

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import randomize_adapters
+from conftest import logits, randomize_adapters
 from peftlab.adapters import AdapterConfigError, EtherConfig, LoraConfig, method_class
 from peftlab.boosters.sibo import attach_sibo, boosted_layers
 from peftlab.inject import adapter_layers, add_adapter, merge
@@ -10,10 +10,6 @@ from peftlab.models import tiny_model
 
 LAM = 0.3
 
-
-def logits(model, tokens, **kwargs):
-    with torch.no_grad():
-        return model(tokens, **kwargs).logits
 
 
 def host_configs():

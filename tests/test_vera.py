@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import randomize_adapters
+from conftest import logits, randomize_adapters
 from peftlab.adapters import AdapterConfigError, AdapterLayer, config_from_dict
 from peftlab.adapters.vera import VeraAdapter, VeraConfig, _projections, shared_projections
 from peftlab.inject import add_adapter, adapter_layers, merge, unmerge
@@ -14,10 +14,6 @@ from peftlab.models import tiny_model
 
 OUT = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128, "down_proj": 64}
 
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def veras(model):
