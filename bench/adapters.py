@@ -134,21 +134,7 @@ def memory_child(args) -> None:
         for p in model.parameters():
             p.sum()
     gc.collect()
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        resident = torch.cuda.memory_allocated()
-        for _ in range(2):
-            step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        resident = common.rss_bytes()
-        common.reset_peak_rss()
-        for _ in range(2):
-            step()
-        peak = common.peak_rss_bytes()
-    print(json.dumps({"peak_mb": peak / 2**20, "step_extra_mb": (peak - resident) / 2**20}))
+    print(json.dumps(common.step_memory(step, args.device, steps=2)))
 
 
 def measure_memory(args, names) -> dict:
@@ -196,23 +182,9 @@ def main(argv=None) -> dict:
             steps[name][1]()
     assert_frozen_base(type("V", (), {"model": steps["base"][0]})())
 
-    times = {name: [] for name in names}
-    discarded = []
-    for r, order in enumerate(common.round_robin(names, args.rounds)):
-        for attempt in range(args.retries + 1):
-            common.wait_for_quiet(args.max_busy, args.quiet_wait, log=lambda m: print(m, flush=True))
-            with common.CpuContention() as busy:
-                chunk = {n: [common.timed(steps[n][1], args.device) for _ in range(args.steps_per_round)] for n in order}
-            share = busy.foreign_fraction or 0
-            line = f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {common.median(chunk[n]):.2f}s" for n in names)
-            if share > args.max_busy and attempt < args.retries:
-                print(line + f"  <- other processes used {share:.0%} CPU: redoing", flush=True)
-                discarded.append({"round": r + 1, "other_processes_cpu_fraction": share, "step_seconds": chunk})
-                continue
-            print(line, flush=True)
-            break
-        for n in names:
-            times[n].append(chunk[n])
+    run = common.timed_rounds({n: steps[n][1] for n in names}, args.rounds, args.steps_per_round, args.device,
+                              args.max_busy, args.retries, args.quiet_wait)
+    times, discarded = run["times"], run["discarded"]
     del steps
     gc.collect()
     memory = None if args.no_memory else measure_memory(args, names)

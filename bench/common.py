@@ -126,6 +126,60 @@ def wait_for_quiet(threshold: float = 0.05, max_wait_s: float = 600.0, window_s:
         time.sleep(2.0)
 
 
+def timed_rounds(steps: dict[str, Callable[[], object]], rounds: int, steps_per_round: int, device,
+                 max_busy: float, retries: int, quiet_wait: float) -> dict:
+    """Time ``steps_per_round`` calls of every step function per round, round-robin, each round after a
+    quiet machine and redone (up to ``retries`` times) when other processes used more than ``max_busy``
+    of the CPU meanwhile. Returns {"times": {name: [[s, ...] per round]}, "orders", "contention",
+    "discarded"} (the discarded rounds keep their timings)."""
+    names = list(steps)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    orders, contention, discarded = [], [], []
+    for r, order in enumerate(round_robin(names, rounds)):
+        for attempt in range(retries + 1):
+            wait_for_quiet(max_busy, quiet_wait, log=log)
+            with CpuContention() as busy:
+                chunk = {name: [timed(steps[name], device) for _ in range(steps_per_round)] for name in order}
+            share = busy.foreign_fraction
+            line = (f"round {r + 1}/{rounds} ({' > '.join(order)}): "
+                    + ", ".join(f"{n} {median(chunk[n]):.3f}s" for n in names)
+                    + (f"; other processes {share:.0%} CPU" if share is not None else ""))
+            if (share or 0) > max_busy and attempt < retries:
+                log(line + "  <- machine busy: discarded, redoing the round")
+                discarded.append({"round": r + 1, "other_processes_cpu_fraction": share, "step_seconds": chunk})
+                continue
+            log(line + ("  <- machine busy, kept after all retries: unreliable" if (share or 0) > max_busy else ""))
+            break
+        orders.append(order)
+        contention.append(share)
+        for name in names:
+            times[name].append(chunk[name])
+    return {"times": times, "orders": orders, "contention": contention, "discarded": discarded}
+
+
+def step_memory(step: Callable[[], object], device, steps: int = 2) -> dict:
+    """Peak memory while running ``step`` ``steps`` times, and its growth over what was resident before:
+    ``torch.cuda.max_memory_allocated`` on a GPU, the peak resident set (Linux VmHWM, reset first) on a CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"kind": "cuda_max_memory_allocated", "resident_mb": resident / 2**20, "peak_mb": peak / 2**20,
+                "step_extra_mb": (peak - resident) / 2**20}
+    resident = rss_bytes()
+    reset_ok = reset_peak_rss()
+    for _ in range(steps):
+        step()
+    peak = peak_rss_bytes()
+    return {"kind": "cpu_peak_rss", "resident_mb": resident / 2**20, "peak_mb": peak / 2**20,
+            "step_extra_mb": (peak - resident) / 2**20, "peak_reset": reset_ok}
+
+
 def load_average() -> tuple[float, float, float] | None:
     try:
         return os.getloadavg()

@@ -230,33 +230,13 @@ def memory_child(args) -> None:
     """Build one variant, run warm-up + a few steps, print its peak memory as JSON on the last line."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    cuda = torch.device(args.device).type == "cuda"
     input_ids = make_batch(args)
     variant = build_variant(args.memory_child, args, input_ids)
     with torch.no_grad():  # fault in memory-mapped weights now, so that they count as resident, not as step memory
         for p in variant.model.parameters():
             p.sum()
     gc.collect()
-    steps = max(2, min(3, args.steps_per_round))
-    if cuda:
-        torch.cuda.synchronize()
-        resident = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        for _ in range(steps):
-            variant.step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        result = {"kind": "cuda_max_memory_allocated", "resident_mb": resident / 2**20, "peak_mb": peak / 2**20,
-                  "step_extra_mb": (peak - resident) / 2**20}
-    else:  # CPU: RSS growth over the resident model (weights faulted in above)
-        resident = common.rss_bytes()
-        reset_ok = common.reset_peak_rss()
-        for _ in range(steps):
-            variant.step()
-        peak = common.peak_rss_bytes()
-        result = {"kind": "cpu_peak_rss", "resident_mb": resident / 2**20, "peak_mb": peak / 2**20,
-                  "step_extra_mb": (peak - resident) / 2**20, "peak_reset": reset_ok}
-    print(json.dumps(result))
+    print(json.dumps(common.step_memory(variant.step, args.device, steps=max(2, min(3, args.steps_per_round)))))
 
 
 def measure_memory(args) -> dict:
@@ -327,29 +307,9 @@ def main(argv=None) -> dict:
         print(f"WARNING: other processes are using {idle_check.foreign_fraction:.0%} of the CPU; each round waits "
               f"for a quiet machine and is redone (up to {args.retries} times) if it was busy", flush=True)
 
-    times: dict[str, list[list[float]]] = {name: [] for name in VARIANTS}
-    orders, contention, discarded = [], [], []
-    for r, order in enumerate(common.round_robin(VARIANTS, args.rounds)):
-        for attempt in range(args.retries + 1):
-            common.wait_for_quiet(args.max_busy, args.quiet_wait, log=lambda m: print(m, flush=True))
-            with common.CpuContention() as busy:
-                chunk = {name: [common.timed(variants[name].step, args.device) for _ in range(args.steps_per_round)]
-                         for name in order}
-            share = busy.foreign_fraction
-            line = (f"round {r + 1}/{args.rounds} ({' > '.join(order)}): "
-                    + ", ".join(f"{n} {common.median(chunk[n]):.3f}s" for n in VARIANTS)
-                    + (f"; other processes {share:.0%} CPU" if share is not None else ""))
-            if (share or 0) > args.max_busy and attempt < args.retries:
-                print(line + "  <- machine busy: discarded, redoing the round", flush=True)
-                discarded.append({"round": r + 1, "other_processes_cpu_fraction": share, "step_seconds": chunk})
-                continue
-            flag = "  <- machine busy, kept after all retries: unreliable" if (share or 0) > args.max_busy else ""
-            print(line + flag, flush=True)
-            break
-        orders.append(order)
-        contention.append(share)
-        for name in VARIANTS:
-            times[name].append(chunk[name])
+    run = common.timed_rounds({name: variants[name].step for name in VARIANTS}, args.rounds, args.steps_per_round,
+                              args.device, args.max_busy, args.retries, args.quiet_wait)
+    times, orders, contention, discarded = run["times"], run["orders"], run["contention"], run["discarded"]
     assert_frozen_base(variants["base"])
 
     profile_path = None

@@ -114,19 +114,14 @@ def compare(args) -> list[dict]:
         result = json.loads(path.read_text())
         result["minutes"] = round((time.perf_counter() - started) / 60, 2)
         results.append(result)
-    summary = {"settings": {k: v for k, v in vars(args).items() if k in {a.dest for a in _settings_actions()}},
+    # args also carries the CLI's dispatch function; keep the plain settings
+    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "overwrite", "run", "command")},
                "results": results}
     (output / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + table(results))
     plot(results, output / "compare.png", args)
     print(f"\nwrote {output / 'compare.json'} and {output / 'compare.png'}")
     return results
-
-
-def _settings_actions():
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return [a for a in parser._actions if a.dest not in ("help", "worker", "overwrite")]
 
 
 def _forward_flags(args) -> list[str]:
@@ -142,11 +137,11 @@ def table(results: list[dict]) -> str:
     for r in results:
         if "error" in r:
             rows.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
-            continue
-        rows.append(f"| {'base model (no adapter)' if r['method'] == 'base' else r['method']} | {r['trainable']:,} | "
-                    f"{r['lr'] if r['lr'] else '–'} | {r['step_s']:.2f} | {r['peak_memory_mb']:.0f} | "
-                    f"{r['final_loss']:.3f} | {r['accuracy']:.1%} |" if r["step_s"] else
-                    f"| base model (no adapter) | 0 | – | – | {r['peak_memory_mb']:.0f} | – | {r['accuracy']:.1%} |")
+        elif r["method"] == "base":
+            rows.append(f"| base model (no adapter) | 0 | – | – | {r['peak_memory_mb']:.0f} | – | {r['accuracy']:.1%} |")
+        else:
+            rows.append(f"| {r['method']} | {r['trainable']:,} | {r['lr']} | {r['step_s']:.2f} | "
+                        f"{r['peak_memory_mb']:.0f} | {r['final_loss']:.3f} | {r['accuracy']:.1%} |")
     return "\n".join(rows)
 
 
