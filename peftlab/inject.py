@@ -18,7 +18,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from peftlab.adapters.base import ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D, method_class
+from peftlab.adapters.base import (ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D, linear_features,
+                                   method_class)
 
 _LINEAR_TYPES = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
 
@@ -78,7 +79,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     adapter_class = method_class(config.method)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     targets = find_targets(model, config)
-    config = config.bind({t: _features(model.get_submodule(t)) for t in targets})
+    config = config.bind({t: linear_features(model.get_submodule(t)) for t in targets})
     # Build every adapter before touching the model, so that an error (a size that does not fit a
     # layer) leaves the model unchanged.
     built = []
@@ -89,7 +90,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
                 raise AdapterConfigError(f"layer {module_name} already has an adapter named {name!r}: choose another name")
             if module.merged:
                 raise AdapterConfigError(f"layer {module_name} has merged adapters: unmerge before adding {name!r}")
-        in_features, out_features = _features(module)
+        in_features, out_features = linear_features(module)
         adapter = adapter_class(config, in_features, out_features, layer_name=module_name)
         adapter.reset_parameters(generator)
         built.append((module_name, module, adapter))
@@ -112,12 +113,6 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     if activate:
         set_active(model, [name])
     return targets
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a linear layer, wrapped or not."""
-    layer = module if isinstance(module, AdapterLayer) else AdapterLayer(module)
-    return layer.in_features, layer.out_features
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -203,6 +203,16 @@ class Adapter(nn.Module):
         return weight - self.delta_weight().to(weight.dtype)
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear``, a GPT-2 ``Conv1D`` (weight stored (in, out)) or an
+    AdapterLayer around either."""
+    if isinstance(module, AdapterLayer):
+        return module.in_features, module.out_features
+    if Conv1D and isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
 class AdapterLayer(nn.Module):
     """A frozen linear layer with named adapters and an active set (see the module docstring)."""
 
@@ -210,10 +220,7 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base = base
         self.fan_in_fan_out = isinstance(base, Conv1D) if Conv1D else False
-        if self.fan_in_fan_out:
-            self.in_features, self.out_features = base.weight.shape
-        else:
-            self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_features(base)
         self.adapters = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.merged: tuple[str, ...] = ()  # adapters currently folded into base.weight, in order

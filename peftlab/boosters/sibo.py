@@ -88,14 +88,14 @@ def _is_target(layer_name: str, suffixes) -> bool:
 def attach_sibo(model: nn.Module, adapter: str, lam: float, targets=FFN_INPUT) -> list[str]:
     """Boost adapter ``adapter`` with λ = ``lam`` in the layers ``targets`` names; returns their names."""
     context = initial_residual(model)
-    layers = [name for name, layer in model.named_modules() if isinstance(layer, AdapterLayer) and adapter in layer.adapters]
+    layers = {name: layer.adapters[adapter] for name, layer in model.named_modules()
+              if isinstance(layer, AdapterLayer) and adapter in layer.adapters}
     suffixes = targets
     if targets == FFN_INPUT:
         suffixes = FFN_INPUT_NAMES if any(_is_target(n, FFN_INPUT_NAMES) for n in layers) else FFN_OUTPUT_NAMES
     boosted = []
-    for layer_name, layer in model.named_modules():
-        if layer_name in layers and _is_target(layer_name, suffixes):
-            module = layer.adapters[adapter]
+    for layer_name, module in layers.items():
+        if _is_target(layer_name, suffixes):
             if module.branch_features != context.width:
                 raise AdapterConfigError(
                     f"SIBO cannot boost {layer_name}: its adapter branch reads {module.branch_features} features but "
