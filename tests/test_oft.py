@@ -264,3 +264,12 @@ def test_gpt2_conv1d_layers(tokens):
     assert (logits(model, tokens) - unmerged).abs().max() <= 1e-5
     unmerge(model)
     assert (logits(model, tokens) - unmerged).abs().max() <= 1e-5
+
+
+def test_export_as_lora_is_refused_with_the_fix(tiny, tmp_path):
+    from peftlab.io import AdapterFileError, export_peft
+
+    add_adapter(tiny, OftConfig(block_size=32), seed=0)
+    with pytest.raises(AdapterFileError, match="not exactly low-rank.*export it without --as lora"):
+        export_peft(tiny, tmp_path / "lora", as_lora=True)
+    assert not (tmp_path / "lora").exists()

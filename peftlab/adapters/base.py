@@ -176,7 +176,8 @@ class Adapter(nn.Module):
     def low_rank_delta(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) with merged_weight(weight) − weight = B·A exactly, for methods whose update is exactly
         low-rank (LoRA, VeRA, ETHER): such an adapter exports as a plain LoRA (io.export_peft ``as_lora``)."""
-        raise NotImplementedError(f"the {self.config.method} update is not exactly low-rank")
+        raise NotImplementedError(f"the {self.config.method} update is not exactly low-rank, so it has no exact LoRA "
+                                  "form: export it without --as lora (LoRA, VeRA, OFT) or keep peftlab's adapter file")
 
     def peft_config(self) -> dict:
         """The method's fields of a PEFT ``adapter_config.json``, for methods PEFT has with the
