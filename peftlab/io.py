@@ -324,3 +324,27 @@ def save_merged(model: nn.Module, tokenizer, path: str | Path, overwrite: bool =
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def load_adapted(adapter: str | Path | None = None, model_name: str | None = None, padding_side: str = "left",
+                 dtype: torch.dtype | str = torch.float32):
+    """(model, tokenizer): the base model (``model_name``, else the one recorded in ``adapter``, else
+    the embedded default) with ``adapter`` loaded, from a peftlab run directory or a PEFT LoRA one."""
+    from peftlab.models import EMBEDDED_MODEL, load_model, load_tokenizer
+
+    adapter = Path(adapter) if adapter else None
+    if adapter is not None:
+        if not adapter.exists():
+            raise AdapterFileError(f"adapter {adapter} not found: give a run directory written by `peftlab train`")
+        if model_name is None and (adapter / CONFIG_FILE).is_file():
+            model_name = read_adapter_config(adapter)["base_model"].get("name")
+        elif model_name is None and (adapter / PEFT_CONFIG_FILE).is_file():
+            model_name = _read_json(adapter / PEFT_CONFIG_FILE, "PEFT config").get("base_model_name_or_path")
+    model_name = model_name or EMBEDDED_MODEL
+    model, tokenizer = load_model(model_name, dtype=dtype), load_tokenizer(model_name, padding_side=padding_side)
+    if adapter is not None:
+        if (adapter / CONFIG_FILE).is_file() or not (adapter / PEFT_CONFIG_FILE).is_file():
+            load_adapter(model, adapter)
+        else:
+            import_peft(model, adapter)
+    return model, tokenizer

@@ -229,3 +229,46 @@ def test_compare_runs_methods_side_by_side(model_dir, tmp_path, capsys):
     assert all(r["step_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in summary["results"][1:])
     assert (out / "compare.png").is_file() and "| ether |" in capsys.readouterr().out
     assert "already exists" in fail(capsys, ["compare", "--model", str(model_dir), "--output", str(out)])
+
+
+def _eval_data(root):
+    """A tiny data folder in LLM-Adapters' layout: one arithmetic and one multiple-choice task."""
+    svamp = root / "dataset" / "SVAMP" / "test.json"
+    svamp.parent.mkdir(parents=True)
+    svamp.write_text(json.dumps([{"instruction": "What is 2 + 3?", "input": "", "output": "", "answer": "5.0"},
+                                 {"instruction": "What is 1,000 + 1?", "input": "", "output": "", "answer": "1001"}]))
+    arc = root / "dataset" / "ARC-Easy" / "test.json"
+    arc.parent.mkdir(parents=True)
+    arc.write_text(json.dumps([{"instruction": "Please choose the correct answer to the question: Which is wet?\n\n"
+                                               "Answer1: water Answer2: sand Answer3: dust\n\n"
+                                               "Answer format: answer1/answer2/answer3", "answer": "answer1"}] * 3))
+    return root
+
+
+def test_eval_several_tasks(run_dir, model_dir, tmp_path, capsys):
+    data = _eval_data(tmp_path / "data")
+    out = tmp_path / "eval"
+    assert main(["eval", "--task", "svamp,arc_e", "--data", str(data), "--model", str(model_dir), "--adapter",
+                 str(run_dir), "--max-new-tokens", "4", "--template", "plain", "--output", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "svamp" in table and "arc_e" in table and "ex/s" in table
+    results = json.loads((out / "results.json").read_text())
+    svamp, arc = results["tasks"]
+    assert (svamp["task"], svamp["n"], svamp["scoring"]) == ("svamp", 2, "generate")
+    assert set(arc) >= {"acc", "acc_norm", "ece", "nll", "brier", "examples_per_s"} and arc["n"] == 3
+    lines = [json.loads(line) for line in (out / "svamp.jsonl").read_text().splitlines()]
+    assert [set(r) >= {"output", "extracted", "correct"} for r in lines] == [True, True]
+    assert (out / "arc_e_reliability.png").is_file()
+
+
+def test_eval_bad_input(model_dir, tmp_path, capsys):
+    data = _eval_data(tmp_path / "data")
+    assert "unknown task 'hellaswag'" in fail(capsys, ["eval", "--task", "hellaswag", "--data", str(data)])
+    assert "no test file for task boolq" in fail(capsys, ["eval", "--task", "boolq", "--data", str(data)])
+    one_file = str(data / "dataset" / "SVAMP" / "test.json")
+    assert "several tasks need --data to be the data folder" in fail(
+        capsys, ["eval", "--task", "svamp", "arc_e", "--data", one_file])
+    assert "--limit must be a positive" in fail(capsys, ["eval", "--task", "svamp", "--data", one_file, "--limit", "0"])
+    assert "cannot find options" in fail(
+        capsys, ["eval", "--task", "arc_e", "--data", one_file, "--model", str(model_dir), "--output",
+                 str(tmp_path / "o")])  # an arithmetic file given to a multiple-choice task

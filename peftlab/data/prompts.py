@@ -16,6 +16,8 @@ from .formats import DataError, Example
 _PAD = " " * 16
 _NO_INPUT_HEAD = ("Below is an instruction that describes a task. Write a response that appropriately "
                   "completes the request.  \n\n")
+# The evaluation scripts' `generate_prompt` differs in one place: one trailing space after "request.".
+_NO_INPUT_EVAL_HEAD = _NO_INPUT_HEAD.replace("request.  ", "request. ")
 _WITH_INPUT_HEAD = ("Below is an instruction that describes a task, paired with an input that provides further "
                     "context. Write a response that appropriately completes the request. \n\n")
 
@@ -24,6 +26,7 @@ _WITH_INPUT_HEAD = ("Below is an instruction that describes a task, paired with 
 class AlpacaTemplate:
     name: str = "alpaca"
     add_special_tokens: bool = True
+    for_eval: bool = False  # LLM-Adapters' evaluation form ("alpaca-eval"): one space less
 
     def render(self, example: Example) -> tuple[str, str]:
         # f-strings, not str.format: instructions may contain braces (code, LaTeX).
@@ -31,7 +34,7 @@ class AlpacaTemplate:
         if example.input:
             head, body = _WITH_INPUT_HEAD, body + f"{_PAD}### Input:\n{_PAD}{example.input}\n{_PAD}\n"
         else:
-            head = _NO_INPUT_HEAD
+            head = _NO_INPUT_EVAL_HEAD if self.for_eval else _NO_INPUT_HEAD
         return f"{head}{body}{_PAD}### Response:\n{_PAD}", example.output
 
 
@@ -59,13 +62,15 @@ class ChatTemplate:
 
 
 PromptTemplate = AlpacaTemplate | ChatTemplate | PlainTemplate  # anything with .render(example)
-TEMPLATES = ("alpaca", "chat", "plain")
+TEMPLATES = ("alpaca", "alpaca-eval", "chat", "plain")
 
 
 def get_template(name: str, tokenizer=None) -> PromptTemplate:
     """The template called ``name`` (one of TEMPLATES); "chat" needs the tokenizer."""
     if name == "alpaca":
         return AlpacaTemplate()
+    if name == "alpaca-eval":
+        return AlpacaTemplate(name="alpaca-eval", for_eval=True)
     if name == "plain":
         return PlainTemplate()
     if name == "chat":

@@ -1,0 +1,100 @@
+"""lm-evaluation-harness plug-in: the ``peftlab`` model type.
+
+    lm_eval --model peftlab --model_args base=HF_ID_OR_DIR,adapter=RUN_DIR --tasks arc_easy
+
+loads the base model (default: the adapter's recorded base, else the embedded SmolLM2) with any
+peftlab adapter (ETHER, AdapterH, VeRA, … which PEFT cannot load) or a PEFT LoRA directory, and
+hands it to lm-eval's own ``hf`` implementation, so requests are tokenised, batched and scored
+exactly as ``--model hf`` does. Further arguments (``batch_size``, ``max_length``, …) pass through.
+
+lm-eval discovers models only through its own registry; ``peftlab.evaluation.lm_eval_hook`` (run at
+interpreter start by the ``peftlab-lm-eval.pth`` file installed with peftlab) adds ``peftlab`` to it
+lazily. In Python, importing this module registers it too::
+
+    import lm_eval, peftlab.evaluation.harness
+    lm_eval.simple_evaluate(model="peftlab", model_args="adapter=runs/ether", tasks=["arc_easy"])
+"""
+from __future__ import annotations
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from peftlab.io import load_adapted
+
+
+@register_model("peftlab")
+class PeftlabLM(HFLM):
+    def __init__(self, base: str | None = None, adapter: str | None = None, dtype: str = "float32",
+                 device: str | None = None, **kwargs):
+        model, tokenizer = load_adapted(adapter, base, padding_side="left", dtype=dtype)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device).eval()
+        for unused in ("pretrained", "tokenizer", "peft", "delta"):  # the model is built here, not by HFLM
+            if kwargs.pop(unused, None) is not None:
+                raise ValueError(f"model_args {unused}= is not used by --model peftlab: give base= and adapter=")
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+
+
+# ------------------------------------------------------------------------------ local lm-eval tasks
+_TASK_YAML = """\
+# written by peftlab.evaluation.harness.write_local_task: {title} from a local LLM-Adapters file
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+process_docs: !function utils.process_{style}
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _process(dataset, style: str):
+    from peftlab.evaluation.choice import loglik_requests, parse_choice_record
+
+    def convert(record, index):
+        example = parse_choice_record(dict(record), style, f"record {index}")
+        requests = loglik_requests(example)
+        # lm-eval joins context and choice with its target delimiter " "; ours start with that space
+        return {"context": requests[0][0], "choices": [c[1:] for _, c in requests], "gold": example.label}
+    return dataset.map(convert, with_indices=True)
+
+
+def process_qa(dataset):
+    return _process(dataset, "qa")
+
+
+def process_boolq(dataset):
+    return _process(dataset, "boolq")
+
+
+def write_local_task(task: str, data, directory) -> str:
+    """Write an lm-eval task (YAML + utils.py) named ``peftlab_<task>`` over a local LLM-Adapters file,
+    posed exactly like ``peftlab eval --scoring loglik``; pass ``--include_path directory`` to lm_eval.
+    WinoGrande's per-option contexts need lm-eval's own partial scoring, so it is not offered here."""
+    from pathlib import Path
+
+    from peftlab.evaluation.tasks import get_task, task_file
+
+    spec = get_task(task)
+    if spec.kind != "choice" or spec.style not in ("qa", "boolq"):
+        raise ValueError(f"task {task} cannot be written as a local lm-eval task: choose one of the question-answer "
+                         "choice tasks (boolq, piqa, arc_e, arc_c, obqa)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"peftlab_{spec.name}"
+    (directory / f"{name}.yaml").write_text(_TASK_YAML.format(
+        title=spec.title, name=name, data=Path(task_file(spec, data)).resolve(), style=spec.style))
+    (directory / "utils.py").write_text("from peftlab.evaluation.harness import process_boolq, process_qa  # noqa\n")
+    return name
