@@ -157,12 +157,23 @@ def test_plain_and_chat_templates(tok):
 
 
 def test_template_errors(tok):
-    with pytest.raises(DataError, match="alpaca, chat, plain"):
+    with pytest.raises(DataError, match="alpaca, alpaca-eval, chat, plain"):
         get_template("vicuna")
     tok_without = tiny_tokenizer()
     tok_without.chat_template = None
     with pytest.raises(DataError, match="--template alpaca"):
         get_template("chat", tok_without)
+
+
+def test_alpaca_eval_template_differs_by_one_space():
+    """LLM-Adapters' evaluation prompt: one space after "request." where the training prompt has two."""
+    example = Example(instruction="What is 2 + 2?")
+    train, _ = get_template("alpaca").render(example)
+    evaluation, _ = get_template("alpaca-eval").render(example)
+    assert evaluation.startswith("Below is an instruction that describes a task. Write a response that "
+                                 "appropriately completes the request. \n\n                ### Instruction:\n")
+    assert evaluation.endswith("### Response:\n                ")
+    assert train == evaluation.replace("request. ", "request.  ")
 
 
 # --- tokenisation and batching -----------------------------------------------------------------
