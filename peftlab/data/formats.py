@@ -140,30 +140,44 @@ def _read_builtin(spec: str) -> list[Example]:
     return arithmetic_task(int(count or 1000), seed=0)
 
 
-def load_examples(source: str, limit: int | None = None) -> list[Example]:
-    """Read ``source`` (see the module docstring) into Examples, keeping the first ``limit`` if given."""
+def _check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
         raise DataError(f"limit must be a positive number of examples, got {limit}: omit it to keep all")
+
+
+def read_records(source: str, limit: int | None = None) -> list[tuple[str, object]]:
+    """The raw records of a .json/.jsonl file or ``hf:NAME[:SPLIT]``, each with where it stands (for
+    error messages), keeping the first ``limit``; an unreadable or empty source raises DataError."""
+    _check_limit(limit)
+    source = str(source)
+    if source.startswith("hf:"):
+        records = _read_hf(source[3:])
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DataError(f"data file {source} not found: check the path "
+                            "(or use builtin:arithmetic or hf:NAME[:SPLIT])")
+        if path.suffix not in (".json", ".jsonl"):
+            raise DataError(f"data file {source} has an unsupported extension {path.suffix!r}: "
+                            "give a .json or .jsonl file")
+        try:
+            records = (_read_jsonl if path.suffix == ".jsonl" else _read_json)(path, source)
+        except UnicodeDecodeError as err:
+            raise DataError(f"data file {source} is not UTF-8 text (byte {err.start}): "
+                            "re-save it as UTF-8") from None
+    if not records:
+        raise DataError(f"data source {source} holds no examples: add records to it or pass another source")
+    return records[:limit]
+
+
+def load_examples(source: str, limit: int | None = None) -> list[Example]:
+    """Read ``source`` (see the module docstring) into Examples, keeping the first ``limit`` if given."""
     source = str(source)
     if source.startswith("builtin:"):
+        _check_limit(limit)
         examples = _read_builtin(source[len("builtin:"):])[:limit]
     else:
-        if source.startswith("hf:"):
-            records = _read_hf(source[3:])
-        else:
-            path = Path(source).expanduser()
-            if not path.is_file():
-                raise DataError(f"data file {source} not found: check the path "
-                                "(or use builtin:arithmetic or hf:NAME[:SPLIT])")
-            if path.suffix not in (".json", ".jsonl"):
-                raise DataError(f"data file {source} has an unsupported extension {path.suffix!r}: "
-                                "give a .json or .jsonl file")
-            try:
-                records = (_read_jsonl if path.suffix == ".jsonl" else _read_json)(path, source)
-            except UnicodeDecodeError as err:
-                raise DataError(f"data file {source} is not UTF-8 text (byte {err.start}): "
-                                "re-save it as UTF-8") from None
-        examples = [parse_record(record, where) for where, record in records[:limit]]
+        examples = [parse_record(record, where) for where, record in read_records(source, limit)]
     if not examples:
         raise DataError(f"data source {source} holds no examples: add records to it or pass another source")
     return examples

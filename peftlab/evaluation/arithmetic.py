@@ -71,15 +71,21 @@ def write_jsonl(records: list[dict], path: str | Path) -> Path:
     return path
 
 
-def score_generations(model, tokenizer, examples, template: str = "alpaca-eval", path: str | Path | None = None,
-                      max_new_tokens: int = 256, batch_size: int = 32, letters: bool = False,
-                      progress: bool = True) -> float:
-    """Greedy answers to ``examples``; accuracy, with the predictions written to ``path`` (JSONL)."""
+def answer(model, tokenizer, examples, template: str = "alpaca-eval", max_new_tokens: int = 256,
+           batch_size: int = 32, letters: bool = False, progress: bool = True) -> list[dict]:
+    """Greedy answers to ``examples``, one prediction record each (see ``prediction_records``)."""
     from peftlab.generate import generate
 
     outputs = generate(model, tokenizer, [e.instruction for e in examples], template=template,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    records = prediction_records(examples, outputs, letters)
+    return prediction_records(examples, outputs, letters)
+
+
+def score_generations(model, tokenizer, examples, template: str = "alpaca-eval", path: str | Path | None = None,
+                      max_new_tokens: int = 256, batch_size: int = 32, letters: bool = False,
+                      progress: bool = True) -> float:
+    """Greedy answers to ``examples``; accuracy, with the predictions written to ``path`` (JSONL)."""
+    records = answer(model, tokenizer, examples, template, max_new_tokens, batch_size, letters, progress)
     if path is not None:
         write_jsonl(records, path)
     return sum(r["correct"] for r in records) / len(records)

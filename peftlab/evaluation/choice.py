@@ -128,31 +128,29 @@ def _accepts_logits_to_keep(model) -> bool:
 
 
 @torch.no_grad()
-def final_log_probs(model, sequences: list[list[int]], keep: list[int], pad_id: int, batch_size: int = 32,
-                    progress=None) -> list[torch.Tensor]:
-    """log softmax of the logits at the last ``keep[i]`` positions of each sequence (float32, keep[i] × V).
+def last_logits(model, sequences: list[list[int]], columns: list[list[int]], pad_id: int, batch_size: int = 32,
+                progress=None) -> list[torch.Tensor]:
+    """The next-token logits after each sequence, at its ``columns`` only (float32).
 
-    Sequences are sorted by length, left-padded with position ids counted over real tokens (so each
-    row is computed as if alone), and only the last max(keep) positions go through the output layer."""
+    Sequences are sorted by length and left-padded with position ids counted over real tokens (so each
+    row is computed as if alone); only the last position goes through the output layer."""
     device = next(model.parameters()).device
-    slim = _accepts_logits_to_keep(model)
+    kwargs = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     out: list[torch.Tensor | None] = [None] * len(sequences)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width, last = max(len(sequences[i]) for i in chunk), max(keep[i] for i in chunk)
+        width = max(len(sequences[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):
             ids[row, width - len(sequences[i]):] = torch.tensor(sequences[i])
             mask[row, width - len(sequences[i]):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kwargs = {"logits_to_keep": last} if slim else {}
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       use_cache=False, **kwargs).logits[:, -last:]
-        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+                       use_cache=False, **kwargs).logits[:, -1].float().cpu()
         for row, i in enumerate(chunk):
-            out[i] = log_probs[row, last - keep[i]:]
+            out[i] = logits[row, columns[i]]
         if progress is not None:
             progress(len(chunk))
     return out
@@ -179,8 +177,8 @@ def score_label(model, tokenizer, examples: list[ChoiceExample], batch_size: int
         prompt, labels = label_prompt(example)
         prompts.append(tokenizer.encode(prompt))
         token_ids.append(label_token_ids(tokenizer, labels))
-    last = final_log_probs(model, prompts, [1] * len(prompts), _pad_id(tokenizer), batch_size, progress)
-    probs = [torch.softmax(lp[0, ids], dim=-1) for lp, ids in zip(last, token_ids)]
+    label_logits = last_logits(model, prompts, token_ids, _pad_id(tokenizer), batch_size, progress)
+    probs = [torch.softmax(z, dim=-1) for z in label_logits]  # = softmax of the label tokens' log-probs
     return _scores(probs, examples)
 
 
@@ -188,14 +186,14 @@ def score_loglik(model, tokenizer, examples: list[ChoiceExample], batch_size: in
     """ℓ_c = Σ log p(continuation_c | context_c) per option; acc, acc_norm and softmax(ℓ) as probabilities."""
     groups, lengths = [], []
     for n, example in enumerate(examples):
-        options = []
-        for context, continuation in loglik_requests(example):
+        requests, options = loglik_requests(example), []
+        for context, continuation in requests:
             context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
             if not context_ids or not continuation_ids:
                 raise DataError(f"example {n}: an empty context or option cannot be scored by log-likelihood")
             options.append((context_ids + continuation_ids, len(continuation_ids)))
         groups.append(options)
-        lengths.append([len(c.lstrip()) for _, c in loglik_requests(example)])
+        lengths.append([len(c.lstrip()) for _, c in requests])
     logliks = option_logliks(model, groups, _pad_id(tokenizer), batch_size, progress)
     probs = [torch.softmax(torch.tensor(ll, dtype=torch.float64), dim=0) for ll in logliks]
     norm = torch.tensor([max(range(len(ll)), key=lambda c: ll[c] / ln[c]) for ll, ln in zip(logliks, lengths)])

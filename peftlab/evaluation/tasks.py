@@ -9,12 +9,11 @@ answer, right or wrong) and, for multiple choice, a reliability diagram ``<task>
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftlab.data import DataError, load_examples
+from peftlab.data import DataError, load_examples, read_records
 
 from . import arithmetic, calibration, choice
 
@@ -66,17 +65,7 @@ def task_file(task: Task, data: str | Path, split: str = "test") -> Path:
 
 
 def load_choice_examples(task: Task, path: Path, limit: int | None = None) -> list[choice.ChoiceExample]:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"data file {path} is not valid UTF-8 JSON ({err}): give an LLM-Adapters test.json") from None
-    if not isinstance(records, list) or not records:
-        raise DataError(f"data file {path} does not hold a non-empty JSON list of records: give an LLM-Adapters "
-                        "test.json")
-    if limit is not None and limit < 1:
-        raise DataError(f"limit must be a positive number of examples, got {limit}: omit it to keep all")
-    return [choice.parse_choice_record(r, task.style, f"{path.name} record {i}")
-            for i, r in enumerate(records[:limit])]
+    return [choice.parse_choice_record(record, task.style, where) for where, record in read_records(str(path), limit)]
 
 
 class _Bar:
@@ -110,11 +99,8 @@ def run_task(model, tokenizer, name: str, data: str | Path, out_dir: str | Path 
         examples = load_examples(str(path), limit)
         if any(e.answer is None for e in examples):
             raise DataError(f"{path} has records without an 'answer' field: arithmetic scoring needs gold answers")
-        from peftlab.generate import generate
-
-        outputs = generate(model, tokenizer, [e.instruction for e in examples], template=template,
-                           max_new_tokens=max_new_tokens or 256, batch_size=batch_size, progress=progress)
-        records = arithmetic.prediction_records(examples, outputs, letters=task.style == "letters")
+        records = arithmetic.answer(model, tokenizer, examples, template, max_new_tokens or 256, batch_size,
+                                    letters=task.style == "letters", progress=progress)
         metrics = {"acc": sum(r["correct"] for r in records) / len(records)}
         scoring = "generate"
     else:
