@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -129,28 +127,14 @@ def memory_child(args) -> None:
         torch.set_num_threads(args.threads)
     input_ids = make_batch(args)
     model, optimizer, _ = build(args.memory_child, args, input_ids)
-    step = _make_step(model, optimizer, input_ids)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
-    gc.collect()
-    print(json.dumps(common.step_memory(step, args.device, steps=2)))
+    common.print_step_memory(model, _make_step(model, optimizer, input_ids), args.device, steps=2)
 
 
 def measure_memory(args, names) -> dict:
-    out = {}
-    for name in names:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--model", args.model,
-               "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--dtype", args.dtype,
-               "--seed", str(args.seed), "--methods", ",".join(args.methods)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        print(f"memory: {name} (subprocess) ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
-        if proc.returncode != 0:
-            print(f"memory: {name} failed:\n{proc.stderr[-1500:]}", file=sys.stderr)
-    return out
+    flags = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device,
+             "--dtype", args.dtype, "--seed", str(args.seed), "--methods", ",".join(args.methods)]
+    flags += ["--threads", str(args.threads)] if args.threads else []
+    return common.memory_in_subprocesses(str(Path(__file__).resolve()), names, flags)
 
 
 def main(argv=None) -> dict:

@@ -180,6 +180,35 @@ def step_memory(step: Callable[[], object], device, steps: int = 2) -> dict:
             "step_extra_mb": (peak - resident) / 2**20, "peak_reset": reset_ok}
 
 
+def print_step_memory(model, step: Callable[[], object], device, steps: int = 2) -> None:
+    """In a memory subprocess: the peak memory of ``step`` as JSON on the last line of stdout."""
+    import gc
+
+    with torch.no_grad():  # fault in memory-mapped weights now, so that they count as resident, not as step memory
+        for p in model.parameters():
+            p.sum()
+    gc.collect()
+    print(json.dumps(step_memory(step, device, steps=steps)))
+
+
+def memory_in_subprocesses(script: str, names: Sequence[str], flags: list[str]) -> dict:
+    """Run ``script --memory-child NAME *flags`` once per variant (one model per process, so peaks do
+    not mix) and collect what ``print_step_memory`` printed; None for a variant whose process failed."""
+    import subprocess
+    import sys
+
+    out = {}
+    for name in names:
+        print(f"memory: {name} (subprocess) ...", flush=True)
+        proc = subprocess.run([sys.executable, script, "--memory-child", name, *flags], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"memory: {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+            out[name] = None
+            continue
+        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
 def load_average() -> tuple[float, float, float] | None:
     try:
         return os.getloadavg()

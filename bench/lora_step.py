@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import subprocess
 import sys
 import time
 import warnings
@@ -232,30 +230,15 @@ def memory_child(args) -> None:
         torch.set_num_threads(args.threads)
     input_ids = make_batch(args)
     variant = build_variant(args.memory_child, args, input_ids)
-    with torch.no_grad():  # fault in memory-mapped weights now, so that they count as resident, not as step memory
-        for p in variant.model.parameters():
-            p.sum()
-    gc.collect()
-    print(json.dumps(common.step_memory(variant.step, args.device, steps=max(2, min(3, args.steps_per_round)))))
+    common.print_step_memory(variant.model, variant.step, args.device, steps=max(2, min(3, args.steps_per_round)))
 
 
 def measure_memory(args) -> dict:
-    out = {}
-    for name in VARIANTS:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", name, "--model", args.model,
-               "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r), "--alpha", str(args.alpha),
-               "--targets", args.targets, "--device", args.device, "--dtype", args.dtype, "--seed", str(args.seed),
-               "--steps-per-round", str(args.steps_per_round)]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        print(f"memory: {name} (subprocess) ...", flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"memory: {name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-            out[name] = None
-            continue
-        out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    flags = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r),
+             "--alpha", str(args.alpha), "--targets", args.targets, "--device", args.device, "--dtype", args.dtype,
+             "--seed", str(args.seed), "--steps-per-round", str(args.steps_per_round)]
+    flags += ["--threads", str(args.threads)] if args.threads else []
+    return common.memory_in_subprocesses(str(Path(__file__).resolve()), VARIANTS, flags)
 
 
 # -- main -------------------------------------------------------------------------------------------
