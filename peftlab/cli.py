@@ -298,6 +298,7 @@ def cmd_eval(args) -> int:
     import time
 
     from peftlab.evaluation.tasks import get_task, run_task, task_file
+    from peftlab.io import refuse_existing
 
     names = [n for item in args.task for n in item.split(",") if n]
     data = args.data or os.environ.get("PEFTLAB_DATA")
@@ -311,6 +312,7 @@ def cmd_eval(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise CliError(f"--limit must be a positive number of examples, got {args.limit}")
     out = Path(args.output or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    refuse_existing(out, args.overwrite)  # earlier results are replaced only when asked
     model, tokenizer = _load_model_and_adapter(args)
     results = []
     for name in names:
@@ -358,6 +360,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default 32)")
     p.add_argument("--max-new-tokens", type=int, help="generation length limit (default 256 arithmetic, 32 choice)")
     p.add_argument("--output", help="directory for results (default runs/eval-<date>-<time>)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it already holds results")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=cmd_eval)
 

@@ -259,6 +259,9 @@ def test_eval_several_tasks(run_dir, model_dir, tmp_path, capsys):
     lines = [json.loads(line) for line in (out / "svamp.jsonl").read_text().splitlines()]
     assert [set(r) >= {"output", "extracted", "correct"} for r in lines] == [True, True]
     assert (out / "arc_e_reliability.png").is_file()
+    before = (out / "results.json").read_text()
+    assert "already exists" in fail(capsys, ["eval", "--task", "svamp", "--data", str(data), "--output", str(out)])
+    assert (out / "results.json").read_text() == before  # earlier results kept
 
 
 def test_eval_bad_input(model_dir, tmp_path, capsys):
