@@ -83,6 +83,7 @@ TRAIN_DEFAULTS = {
     "max_steps": None, "epochs": 1.0, "batch_size": 8, "micro_batch_size": 8, "lr": 2e-4, "weight_decay": 0.0,
     "warmup_steps": 0, "schedule": "cosine", "max_grad_norm": 1.0, "eval_every": 0, "save_every": 0,
     "keep_checkpoints": 2, "seed": 0, "mixed_precision": "no", "dtype": "float32",
+    "bitune": False, "bitune_mixing": None, "bitune_init": None,
 }
 
 
@@ -108,6 +109,10 @@ def add_train_parser(sub) -> None:
     for name, (field, methods) in _method_fields().items():
         owners = "all methods" if len(methods) == len(METHODS) else "/".join(methods)
         a(f"--{name.replace('_', '-')}", type=_field_type(field), help=f"{owners}: {name} (default {field.default})")
+    a("--bitune", action="store_true", default=None,
+      help="Bitune: read the prompt twice (causal and bidirectional, one adapter each) and mix the two KV caches")
+    a("--bitune-mixing", help="Bitune: abs (the paper's variant 607, default) or relu (its simplified 801)")
+    a("--bitune-init", type=float, help="Bitune: start value of the mixing weights and their constant t (default 0.01)")
     a("--output", help="run directory (default runs/<method>)")
     a("--overwrite", action="store_true", default=None, help="replace the run already in --output")
     a("--resume", action="store_true", default=None, help="continue the run in --output from its latest checkpoint")
@@ -156,6 +161,21 @@ def _train_settings(args) -> dict:
     return settings
 
 
+def _bitune_config(s: dict):
+    """The BituneConfig of --bitune (None without it), checked before anything is loaded."""
+    options = {key: s[f"bitune_{key}"] for key in ("mixing", "init") if s[f"bitune_{key}"] is not None}
+    if not s["bitune"]:
+        if options:
+            raise CliError(f"--bitune-{'/--bitune-'.join(options)} applies only with --bitune: add --bitune or remove it")
+        return None
+    if s["train_on_prompt"]:
+        raise CliError("--bitune needs the prompt masked out of the loss (it reads the prompt twice): "
+                       "remove --train-on-prompt")
+    from peftlab.methods.bitune import BituneConfig
+
+    return BituneConfig(**options)
+
+
 def cmd_train(args) -> int:
     from peftlab.adapters import method_class
     from peftlab.data import DataError, get_template, load_examples, tokenize_examples
@@ -175,7 +195,8 @@ def cmd_train(args) -> int:
     unused = sorted(k for k in set(_method_fields()) & set(s) if k not in method_values)
     if unused:
         raise CliError(f"option(s) {unused} do not apply to method {s['method']}: remove them")
-    output = Path(s["output"] or f"runs/{s['method']}")
+    bitune_config = _bitune_config(s)
+    output = Path(s["output"] or f"runs/{s['method']}" + ("-bitune" if bitune_config else ""))
     train_config = TrainConfig(
         output_dir=str(output), max_steps=s["max_steps"], epochs=s["epochs"], batch_size=s["batch_size"],
         micro_batch_size=min(s["micro_batch_size"], s["batch_size"]), lr=s["lr"], weight_decay=s["weight_decay"],
@@ -197,7 +218,14 @@ def cmd_train(args) -> int:
     template = get_template(s["template"], tokenizer)
     # The adapter goes in before the run dir is touched: a target that matches nothing or a size that does
     # not fit a layer fails with the output directory untouched.
-    add_adapter(model, adapter_config, seed=s["seed"])
+    objective = None
+    if bitune_config is not None:
+        from peftlab.methods.bitune import BituneObjective, add_bitune
+
+        add_bitune(model, adapter_config, bitune_config, seed=s["seed"])
+        objective = BituneObjective()
+    else:
+        add_adapter(model, adapter_config, seed=s["seed"])
     train_data = tokenize_examples(examples, tokenizer, template, max_length=s["max_length"],
                                    train_on_prompt=bool(s["train_on_prompt"]))
     eval_data = tokenize_examples(eval_examples, tokenizer, template, max_length=s["max_length"]) \
@@ -209,7 +237,9 @@ def cmd_train(args) -> int:
     summary = trainable_summary(model)
     print(format_summary(summary))
     result = train(model, train_data, train_config, tokenizer=tokenizer, eval_data=eval_data, resume=bool(s["resume"]),
+                   objective=objective,
                    run_info={"settings": s, "adapter": adapter_config.to_dict(),
+                             "bitune": bitune_config.to_dict() if bitune_config else None,
                              "trainable_parameters": summary["trainable"], "truncated": train_data.n_truncated,
                              "dropped": train_data.n_dropped})
     print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}; run saved in {output}")

@@ -152,10 +152,15 @@ def active_adapters(model: nn.Module, names: Iterable[str]):
 
 
 def set_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
-    """Freeze everything except the parameters of the adapters ``names`` (default: all)."""
+    """Freeze everything except the parameters of the adapters ``names`` (default: all, and those of a
+    model-level method such as Bitune's mixing coefficients)."""
+    train_method = names is None
     names = set(adapter_names(model) if names is None else names)
     for p in model.parameters():
         p.requires_grad_(False)
+    method = getattr(model, "peftlab_method", None)
+    if method is not None and train_method:
+        method.requires_grad_(True)
     for _, layer in adapter_layers(model):
         for adapter_name, adapter in layer.adapters.items():
             adapter.requires_grad_(adapter_name in names)

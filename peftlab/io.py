@@ -28,6 +28,7 @@ from torch import nn
 from peftlab import __version__
 from peftlab.adapters import AdapterConfigError, LoraConfig, config_from_dict
 from peftlab.inject import add_adapter, adapter_layers, adapter_names, adapter_parameters, remove_adapter, unwrap
+from peftlab.methods import attached, restore
 from peftlab.models import base_identity
 
 CONFIG_FILE = "adapter.json"
@@ -83,6 +84,15 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already exists: choose a new directory or pass --overwrite")
 
 
+def refuse_method(model: nn.Module, what: str) -> None:
+    """A model-level method changes the forward itself (Bitune reads the prompt twice): its adapters
+    alone are not the model, so they cannot be merged or exported."""
+    method = attached(model)
+    if method is not None:
+        raise AdapterFileError(f"a {method.name} model cannot be {what}: its forward is not a plain transformers "
+                               "forward; keep the peftlab adapter file and load it with peftlab")
+
+
 # -- peftlab format ---------------------------------------------------------------------------
 
 def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = None,
@@ -99,6 +109,10 @@ def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
             if name in layer.adapters:
                 configs.setdefault(name, layer.adapters[name].config.to_dict())
     tensors = dict(adapter_parameters(model, names))
+    method = attached(model)  # a model-level method (Bitune) is saved with its adapters, in the same files
+    if method is not None:
+        extra_tensors = {**{f"{method.name}.{k}": v for k, v in method.state_dict().items()}, **(extra_tensors or {})}
+        extra_config = {"method": method.describe(), **(extra_config or {})}
     for key, value in (extra_tensors or {}).items():
         tensors[f"extra.{key}"] = value
     active = next((list(layer.active) for _, layer in adapter_layers(model)), [])
@@ -157,7 +171,11 @@ def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
                 adapter_config = adapter_config.replace(target_modules=_exact_pattern(targets))
             added.append(name)
             add_adapter(model, adapter_config, name=name, activate=False)
-        _load_strict(model, {k: v for k, v in tensors.items() if not k.startswith("extra.")}, wanted, path)
+        _load_strict(model, {k: v for k, v in tensors.items() if not k.startswith("extra.")
+                             and re.search(r"\.adapters\.([^.]+)\.", k)[1] in wanted}, wanted, path)
+        described = config.get("extra", {}).get("method")
+        if described is not None and set(wanted) == set(config["adapters"]):  # a subset loads as plain adapters
+            restore(model, described, {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
     except (AdapterConfigError, AdapterFileError) as err:
         for name in added:
             remove_adapter(model, name)
@@ -166,7 +184,8 @@ def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
         raise
     from peftlab.inject import set_active
 
-    set_active(model, [n for n in config.get("active", wanted) if n in wanted] or wanted)
+    if attached(model) is None:  # a method chooses its own active adapters
+        set_active(model, [n for n in config.get("active", wanted) if n in wanted] or wanted)
     config["extra_tensors"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     return config
 
@@ -208,6 +227,7 @@ def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_
     as the equivalent PEFT LoRA, ΔW = B·A with scaling 1, so any LoRA runtime can serve it.
     """
     path = Path(path)
+    refuse_method(model, "exported to PEFT")
     layers = [(ln, layer) for ln, layer in adapter_layers(model) if name in layer.adapters]
     if not layers:
         raise AdapterFileError(f"the model has no adapter named {name!r}: it has {adapter_names(model)}")
@@ -309,6 +329,7 @@ def save_merged(model: nn.Module, tokenizer, path: str | Path, overwrite: bool =
     """
     path = Path(path)
     refuse_existing(path, overwrite)
+    refuse_method(model, "merged into a plain checkpoint")
     unwrap(model, merge_active=True)
     if hasattr(model.config, "peftlab_base_name"):
         del model.config.peftlab_base_name

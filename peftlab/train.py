@@ -144,7 +144,7 @@ class Objective:
         return [{"params": params, "weight_decay": config.weight_decay}]
 
 
-def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
+def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels, **model_kwargs) -> torch.Tensor:
     """Σ −log p(label_{t+1} | tokens ≤ t) over the positions whose next label is not -100.
 
     Logits are computed only at positions that predict some label (``logits_to_keep``): prompt
@@ -156,9 +156,9 @@ def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels) -> torch
     if keep.numel() == 0:
         keep = torch.zeros(1, dtype=torch.long, device=labels.device)  # every target ignored: the loss is 0
     try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **model_kwargs).logits
     except TypeError:  # a model without logits_to_keep: project every position
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][:, keep]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits[:, :-1][:, keep]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets[:, keep].flatten(), ignore_index=-100,
                            reduction="sum")
 

@@ -275,3 +275,40 @@ def test_eval_bad_input(model_dir, tmp_path, capsys):
     assert "cannot find options" in fail(
         capsys, ["eval", "--task", "arc_e", "--data", one_file, "--model", str(model_dir), "--output",
                  str(tmp_path / "o")])  # an arithmetic file given to a multiple-choice task
+
+
+def test_bitune_train_generate_eval(model_dir, tmp_path, capsys):
+    """A Bitune run trains through the shared loop, and generate / eval load it as they load LoRA."""
+    from peftlab.generate import generate
+    from peftlab.io import load_adapter
+    from peftlab.methods.bitune import is_bitune
+    from peftlab.models import load_model, load_tokenizer
+
+    out = tmp_path / "bitune"
+    assert main(["train", "--model", str(model_dir), "--data", "builtin:arithmetic:16", "--template", "plain",
+                 "--max-steps", "2", "--batch-size", "4", "--r", "2", "--lr", "1e-2", "--bitune",
+                 "--bitune-mixing", "relu", "--output", str(out)]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["bitune"]["mixing"] == "relu" and info["adapter"]["r"] == 2
+    capsys.readouterr()
+    assert main(["generate", "--adapter", str(out), "--model", str(model_dir), "--prompt", "2+2?", "--template",
+                 "plain", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out.strip()
+    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir), padding_side="left")
+    load_adapter(model, out)
+    assert is_bitune(model)
+    assert printed == generate(model, tokenizer, ["2+2?"], template="plain", max_new_tokens=5)[0].strip()
+    data = _eval_data(tmp_path / "data")
+    assert main(["eval", "--task", "svamp,arc_e", "--data", str(data), "--model", str(model_dir), "--adapter", str(out),
+                 "--max-new-tokens", "4", "--template", "plain", "--output", str(tmp_path / "eval"), "--quiet"]) == 0
+    assert "bitune model cannot be merged" in fail(
+        capsys, ["merge", "--adapter", str(out), "--model", str(model_dir), "--output", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+
+
+def test_bitune_bad_flags(model_dir, tmp_path, capsys):
+    common = ["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--output", str(tmp_path / "r")]
+    assert "applies only with --bitune" in fail(capsys, common + ["--bitune-mixing", "relu"])
+    assert "remove --train-on-prompt" in fail(capsys, common + ["--bitune", "--train-on-prompt"])
+    assert "mixing must be one of" in fail(capsys, common + ["--bitune", "--bitune-mixing", "sigmoid"])
+    assert not (tmp_path / "r").exists()

@@ -111,3 +111,35 @@ def test_merged_checkpoint_matches_adapter(checkpoints):
     tokens = torch.randint(4, 262, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(model(tokens).logits, merged(tokens).logits, atol=1e-5)
+
+
+def test_bitune_loglik_through_lm_eval_passes_the_prompt_length(tmp_path, tokenizer):
+    """lm-eval's plain forward cannot tell a Bitune model where the context ends; the plug-in's requests
+    therefore go through peftlab's scorer and equal a direct Bitune forward with the context as prompt."""
+    from lm_eval.api.instance import Instance
+
+    from peftlab.adapters import LoraConfig
+    from peftlab.evaluation.harness import PeftlabLM
+    from peftlab.io import save_adapter
+    from peftlab.methods.bitune import add_bitune
+
+    tiny_model(seed=0).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    from peftlab.models import load_model
+
+    model = load_model(str(tmp_path / "base"))
+    add_bitune(model, LoraConfig(r=2), seed=0)
+    randomize_adapters(model, seed=1, std=0.2)
+    save_adapter(model, tmp_path / "bitune")
+    lm = PeftlabLM(base=str(tmp_path / "base"), adapter=str(tmp_path / "bitune"), batch_size=2)
+    pairs = [("Question: 2+2?\nAnswer:", " 4"), ("Question: 2+2?\nAnswer:", " five"), ("Sky:", " blue")]
+    got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                           disable_tqdm=True)
+    for (context, continuation), (loglik, greedy) in zip(pairs, got):
+        ctx, cont = tokenizer.encode(context), tokenizer.encode(continuation)
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            logits = lm.model(input_ids=ids, prompt_length=len(ctx)).logits[0, len(ctx) - 1:-1]
+        log_probs = torch.log_softmax(logits, -1)
+        assert loglik == pytest.approx(float(log_probs.gather(1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
+        assert greedy == bool((log_probs.argmax(-1) == torch.tensor(cont)).all())

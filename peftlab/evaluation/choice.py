@@ -194,7 +194,8 @@ def score_loglik(model, tokenizer, examples: list[ChoiceExample], batch_size: in
             options.append((context_ids + continuation_ids, len(continuation_ids)))
         groups.append(options)
         lengths.append([len(c.lstrip()) for _, c in requests])
-    logliks = option_logliks(model, groups, _pad_id(tokenizer), batch_size, progress)
+    logliks = [[ll for ll, _ in scored] for scored in option_logliks(model, groups, _pad_id(tokenizer), batch_size,
+                                                                       progress)]
     probs = [torch.softmax(torch.tensor(ll, dtype=torch.float64), dim=0) for ll in logliks]
     norm = torch.tensor([max(range(len(ll)), key=lambda c: ll[c] / ln[c]) for ll, ln in zip(logliks, lengths)])
     scores = _scores(probs, examples)
@@ -223,43 +224,67 @@ def _pack(options: list[tuple[list[int], int]]):
 
 @torch.no_grad()
 def option_logliks(model, groups: list[list[tuple[list[int], int]]], pad_id: int, batch_size: int = 32,
-                   progress=None) -> list[list[float]]:
-    """Summed log-likelihood of the last n tokens of each (ids, n) option, all options of a group in one
+                   progress=None) -> list[list[tuple[float, bool]]]:
+    """(ℓ, greedy) per (ids, n) option: the summed log-likelihood of its last n tokens and whether each of
+    them is the argmax (lm-eval's is_greedy). All options of a group share one
     row: a 4-D attention mask lets each branch see the shared prefix and itself only, and position ids
     restart after the prefix, so every option is computed exactly as if alone. For ARC-style questions
     this reads the question once instead of once per option (about 2.4× fewer tokens)."""
+    from peftlab.methods.bitune import is_bitune
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    reads_prompt = is_bitune(model)  # it is told the prompt length, and reads the context as its prompt
+    if reads_prompt and not all(_one_context(options) for options in groups):
+        # Options whose contexts differ (WinoGrande's partial scoring) go in rows of their own.
+        pieces = [[options] if _one_context(options) else [[o] for o in options] for options in groups]
+        flat, out, k = option_logliks(model, [g for p in pieces for g in p], pad_id, batch_size, progress), [], 0
+        for piece in pieces:
+            out.append([ll for group in flat[k:k + len(piece)] for ll in group])
+            k += len(piece)
+        return out
     packed = [_pack(options) for options in groups]
+    contexts = [len(options[0][0]) - options[0][1] for options in groups]
     order = sorted(range(len(packed)), key=lambda i: -len(packed[i][0]))
     out: list[list[float] | None] = [None] * len(groups)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(packed[i][0]) for i in chunk)
+        # Rows are placed so that their contexts end at one column (the prompt length a model such as
+        # Bitune is told); positions are explicit, so the offset changes nothing else.
+        prompt = max(contexts[i] for i in chunk)
+        width = max(prompt - contexts[i] + len(packed[i][0]) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         positions = torch.zeros((len(chunk), width), dtype=torch.long)
         branch = torch.full((len(chunk), width), -2, dtype=torch.long)  # -2: padding
         for row, i in enumerate(chunk):
-            tokens, pos, br, _ = packed[i]
-            ids[row, :len(tokens)] = torch.tensor(tokens)
-            positions[row, :len(tokens)] = torch.tensor(pos)
-            branch[row, :len(tokens)] = torch.tensor(br)
+            tokens, pos, br, targets = packed[i]
+            shift = prompt - contexts[i]
+            ids[row, shift:shift + len(tokens)] = torch.tensor(tokens)
+            positions[row, shift:shift + len(tokens)] = torch.tensor(pos)
+            branch[row, shift:shift + len(tokens)] = torch.tensor(br)
+            packed[i] = (tokens, pos, br, [([j + shift for j in rows], target) for rows, target in targets])
         query, key = branch[:, :, None], branch[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         allowed = causal & ((key == -1) | (key == query)) & (key != -2)
         allowed |= torch.eye(width, dtype=torch.bool) & (query == -2)  # padding attends to itself (no empty rows)
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                       use_cache=False).logits
+                       use_cache=False, **({"prompt_length": prompt} if reads_prompt else {})).logits
         for row, i in enumerate(chunk):
-            sums = []
+            scored = []
             for rows, target in packed[i][3]:
                 log_probs = torch.log_softmax(logits[row, rows].float(), dim=-1)
-                sums.append(float(log_probs.gather(1, torch.tensor(target, device=log_probs.device)[:, None]).sum()))
-            out[i] = sums
+                target = torch.tensor(target, device=log_probs.device)
+                scored.append((float(log_probs.gather(1, target[:, None]).sum()),
+                               bool((log_probs.argmax(-1) == target).all())))
+            out[i] = scored
         if progress is not None:
             progress(sum(len(groups[i]) for i in chunk))
     return out
+
+
+def _one_context(options: list[tuple[list[int], int]]) -> bool:
+    return len({tuple(ids[:-n]) for ids, n in options}) == 1
 
 
 def _pad_id(tokenizer) -> int:

@@ -35,6 +35,28 @@ class PeftlabLM(HFLM):
                 raise ValueError(f"model_args {unused}= is not used by --model peftlab: give base= and adapter=")
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
 
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """A Bitune model must be told where the context ends (it reads the context as its prompt,
+        twice), which lm-eval's plain forward cannot say: its requests go through peftlab's scorer,
+        which passes the prompt length. Every other model keeps lm-eval's own path."""
+        from peftlab.evaluation.choice import option_logliks
+        from peftlab.methods.bitune import is_bitune
+
+        if not is_bitune(self.model):
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        groups = [[((context + continuation)[-self.max_length:], len(continuation))]
+                  for _, context, continuation in requests]
+        results = [scored[0] for scored in option_logliks(self.model, groups, self.tokenizer.pad_token_id,
+                                                          batch_size=_int_or(override_bs or self.batch_size, 8))]
+        for (key, _, _), answer in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", key, answer)
+        return results
+
+
+def _int_or(value, default: int) -> int:
+    """lm-eval's batch size is a number or "auto"; peftlab's scorer takes ``default`` for "auto"."""
+    return int(value) if str(value).isdigit() else default
+
 
 # ------------------------------------------------------------------------------ local lm-eval tasks
 _TASK_YAML = """\
