@@ -455,12 +455,17 @@ def cmd_info(args) -> int:
         for name, values in config["adapters"].items():
             layers = len(config.get("targets", {}).get(name, []))
             print(f"  {name}: {json.dumps(values)} on {layers} layers")
+        method = config.get("extra", {}).get("method")
+        if method:
+            print(f"  model-level method: {json.dumps(method)}")
         print(f"  active: {config.get('active')}; {count:,} parameters")
         return 0
     print("methods:")
     for method, adapter_class in sorted(METHODS.items()):
         doc = (adapter_class.__module__ and sys.modules[adapter_class.__module__].__doc__ or "").strip().splitlines()
         print(f"  {method:12s} {doc[0] if doc else ''}")
+    print("model-level methods (on top of any adapter method):")
+    print("  bitune       --bitune: the prompt read twice (causal and bidirectional), KV caches mixed per layer")
     print(f"models: {EMBEDDED_MODEL} (embedded), any HF id, local checkpoint directory or .gguf file")
     if args.model:
         from peftlab.inject import _linear_names

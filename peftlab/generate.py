@@ -3,7 +3,9 @@
 ``generate`` runs batched decoding with left padding (so every prompt's last token sits at the same
 position and new tokens append cleanly), greedy by default, and returns only the new text.
 ``stream`` yields text pieces as they are decoded, for chat. Prompts are formatted with the same
-templates as training (``peftlab.data``), so a model is asked exactly as it was taught.
+templates as training (``peftlab.data``), so a model is asked exactly as it was taught. Models whose
+forward is changed by a model-level method (Bitune's two prompt passes) need nothing here: the
+method sits inside the model's own forward, which ``model.generate`` calls.
 """
 from __future__ import annotations
 

@@ -329,3 +329,17 @@ def test_merge_and_export_are_refused(tmp_path):
     with pytest.raises(AdapterFileError, match="cannot be exported"):
         export_peft(model, tmp_path / "peft")
     assert not (tmp_path / "merged").exists()
+
+
+def test_a_decoder_that_ignores_custom_masks_is_refused():
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    class IgnoresMasks(LlamaModel):  # what an attention kernel without custom masks amounts to
+        def forward(self, *args, attention_mask=None, **kwargs):
+            return super().forward(*args, attention_mask=None, **kwargs)
+
+    model = tiny()
+    model.model.__class__ = IgnoresMasks
+    with pytest.raises(BituneError, match="ignores custom 4-D attention masks"):
+        add_bitune(model, LoraConfig(r=2))
+    assert not is_bitune(model) and not any(".adapters." in n for n, _ in model.named_parameters())
