@@ -20,6 +20,7 @@ from torch import nn
 
 from peftlab.adapters.base import (ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D, linear_features,
                                    method_class)
+from peftlab.methods import attached
 
 _LINEAR_TYPES = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
 
@@ -158,7 +159,7 @@ def set_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
     names = set(adapter_names(model) if names is None else names)
     for p in model.parameters():
         p.requires_grad_(False)
-    method = getattr(model, "peftlab_method", None)
+    method = attached(model)
     if method is not None and train_method:
         method.requires_grad_(True)
     for _, layer in adapter_layers(model):

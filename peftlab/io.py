@@ -155,6 +155,7 @@ def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
     if check_base_model:
         check_base(config, model, path)
     tensors = _read_tensors(path / WEIGHTS_FILE)
+    extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     wanted = list(config["adapters"]) if names is None else list(names)
     missing_names = [n for n in wanted if n not in config["adapters"]]
     if missing_names:
@@ -171,11 +172,12 @@ def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
                 adapter_config = adapter_config.replace(target_modules=_exact_pattern(targets))
             added.append(name)
             add_adapter(model, adapter_config, name=name, activate=False)
+        others = set(config["adapters"]) - set(wanted)  # the file's adapters not asked for are skipped
         _load_strict(model, {k: v for k, v in tensors.items() if not k.startswith("extra.")
-                             and re.search(r"\.adapters\.([^.]+)\.", k)[1] in wanted}, wanted, path)
+                             and _adapter_of(k) not in others}, wanted, path)
         described = config.get("extra", {}).get("method")
-        if described is not None and set(wanted) == set(config["adapters"]):  # a subset loads as plain adapters
-            restore(model, described, {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")})
+        if described is not None and not others:  # a subset loads as plain adapters
+            restore(model, described, extras)
     except (AdapterConfigError, AdapterFileError) as err:
         for name in added:
             remove_adapter(model, name)
@@ -186,8 +188,14 @@ def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
 
     if attached(model) is None:  # a method chooses its own active adapters
         set_active(model, [n for n in config.get("active", wanted) if n in wanted] or wanted)
-    config["extra_tensors"] = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    config["extra_tensors"] = extras
     return config
+
+
+def _adapter_of(key: str) -> str | None:
+    """The adapter name in a tensor key such as ``model.layers.0.q_proj.adapters.default.lora_A``."""
+    match = re.search(r"\.adapters\.([^.]+)\.", key)
+    return match[1] if match else None
 
 
 def _exact_pattern(module_names: list[str]) -> str:

@@ -80,6 +80,9 @@ def test_corrupt_and_mismatched_files(adapted, tmp_path):
     save_file({**tensors, "model.extra.adapters.default.lora_A": torch.zeros(1)}, run / "adapter.safetensors")
     with pytest.raises(AdapterFileError, match="unexpected 1"):
         load_adapter(fresh, run)
+    save_file({**tensors, "stray": torch.zeros(1)}, run / "adapter.safetensors")  # no adapter name in the key
+    with pytest.raises(AdapterFileError, match="unexpected 1"):
+        load_adapter(fresh, run)
     save_file({**tensors, key: torch.zeros(3, 3)}, run / "adapter.safetensors")
     with pytest.raises(AdapterFileError, match="has shape"):
         load_adapter(fresh, run)

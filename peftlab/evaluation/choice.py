@@ -253,16 +253,15 @@ def option_logliks(model, groups: list[list[tuple[list[int], int]]], pad_id: int
         # Bitune is told); positions are explicit, so the offset changes nothing else.
         prompt = max(contexts[i] for i in chunk)
         width = max(prompt - contexts[i] + len(packed[i][0]) for i in chunk)
+        shifts = [prompt - contexts[i] for i in chunk]
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         positions = torch.zeros((len(chunk), width), dtype=torch.long)
         branch = torch.full((len(chunk), width), -2, dtype=torch.long)  # -2: padding
-        for row, i in enumerate(chunk):
-            tokens, pos, br, targets = packed[i]
-            shift = prompt - contexts[i]
+        for row, (i, shift) in enumerate(zip(chunk, shifts)):
+            tokens, pos, br, _ = packed[i]
             ids[row, shift:shift + len(tokens)] = torch.tensor(tokens)
             positions[row, shift:shift + len(tokens)] = torch.tensor(pos)
             branch[row, shift:shift + len(tokens)] = torch.tensor(br)
-            packed[i] = (tokens, pos, br, [([j + shift for j in rows], target) for rows, target in targets])
         query, key = branch[:, :, None], branch[:, None, :]
         causal = torch.ones(width, width, dtype=torch.bool).tril()
         allowed = causal & ((key == -1) | (key == query)) & (key != -2)
@@ -270,10 +269,10 @@ def option_logliks(model, groups: list[list[tuple[list[int], int]]], pad_id: int
         mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                        use_cache=False, **({"prompt_length": prompt} if reads_prompt else {})).logits
-        for row, i in enumerate(chunk):
+        for row, (i, shift) in enumerate(zip(chunk, shifts)):
             scored = []
             for rows, target in packed[i][3]:
-                log_probs = torch.log_softmax(logits[row, rows].float(), dim=-1)
+                log_probs = torch.log_softmax(logits[row, [j + shift for j in rows]].float(), dim=-1)
                 target = torch.tensor(target, device=log_probs.device)
                 scored.append((float(log_probs.gather(1, target[:, None]).sum()),
                                bool((log_probs.argmax(-1) == target).all())))

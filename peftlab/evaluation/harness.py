@@ -39,14 +39,14 @@ class PeftlabLM(HFLM):
         """A Bitune model must be told where the context ends (it reads the context as its prompt,
         twice), which lm-eval's plain forward cannot say: its requests go through peftlab's scorer,
         which passes the prompt length. Every other model keeps lm-eval's own path."""
-        from peftlab.evaluation.choice import option_logliks
+        from peftlab.evaluation.choice import _pad_id, option_logliks
         from peftlab.methods.bitune import is_bitune
 
         if not is_bitune(self.model):
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
         groups = [[((context + continuation)[-self.max_length:], len(continuation))]
                   for _, context, continuation in requests]
-        results = [scored[0] for scored in option_logliks(self.model, groups, self.tokenizer.pad_token_id,
+        results = [scored[0] for scored in option_logliks(self.model, groups, _pad_id(self.tokenizer),
                                                           batch_size=_int_or(override_bs or self.batch_size, 8))]
         for (key, _, _), answer in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, answer)

@@ -248,7 +248,9 @@ def detach(model: nn.Module) -> None:
 
 
 def is_bitune(model: nn.Module) -> bool:
-    return isinstance(getattr(model, "peftlab_method", None), Bitune)
+    from peftlab.methods import attached
+
+    return isinstance(attached(model), Bitune)
 
 
 def check_supported(model: nn.Module) -> None:
@@ -263,8 +265,7 @@ def check_supported(model: nn.Module) -> None:
                           "model such as Llama, Qwen2, Gemma or Phi")
     config = model.config
     if "sliding_attention" in (getattr(config, "layer_types", None) or ()) or \
-            (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-             and config.model_type in ("mistral", "mixtral", "qwen2", "qwen3", "starcoder2")):
+            (getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
         raise BituneError(f"{name} uses sliding-window attention, under which the bidirectional prompt pass is "
                           "undefined: use a full-attention model (or disable the sliding window in its config)")
     decoder = model.get_decoder()
