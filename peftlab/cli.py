@@ -83,7 +83,7 @@ TRAIN_DEFAULTS = {
     "max_steps": None, "epochs": 1.0, "batch_size": 8, "micro_batch_size": 8, "lr": 2e-4, "weight_decay": 0.0,
     "warmup_steps": 0, "schedule": "cosine", "max_grad_norm": 1.0, "eval_every": 0, "save_every": 0,
     "keep_checkpoints": 2, "seed": 0, "mixed_precision": "no", "dtype": "float32",
-    "bitune": False, "bitune_mixing": None, "bitune_init": None,
+    "bitune": False, "bitune_mixing": None, "bitune_init": None, "kl_lr": None, "kl_cycle": None,
 }
 
 
@@ -113,6 +113,9 @@ def add_train_parser(sub) -> None:
       help="Bitune: read the prompt twice (causal and bidirectional, one adapter each) and mix the two KV caches")
     a("--bitune-mixing", help="Bitune: abs (the paper's variant 607, default) or relu (its simplified 801)")
     a("--bitune-init", type=float, help="Bitune: start value of the mixing weights and their constant t (default 0.01)")
+    a("--kl-lr", type=float, help="blob: SGD learning rate of the std parameters and the KL term (default 0.01)")
+    a("--kl-cycle", type=int, help="blob: steps per cycle of the KL weight (default: the paper's rule, "
+                                   "int(100·N^(π/8)/batch))")
     a("--output", help="run directory (default runs/<method>)")
     a("--overwrite", action="store_true", default=None, help="replace the run already in --output")
     a("--resume", action="store_true", default=None, help="continue the run in --output from its latest checkpoint")
@@ -196,6 +199,10 @@ def cmd_train(args) -> int:
     if unused:
         raise CliError(f"option(s) {unused} do not apply to method {s['method']}: remove them")
     bitune_config = _bitune_config(s)
+    kl_options = {key: s[key] for key in ("kl_lr", "kl_cycle") if s[key] is not None}
+    if kl_options and s["method"] != "blob":
+        raise CliError(f"--{'/--'.join(k.replace('_', '-') for k in kl_options)} applies only to --method blob: "
+                       "remove it or train BLoB")
     output = Path(s["output"] or f"runs/{s['method']}" + ("-bitune" if bitune_config else ""))
     train_config = TrainConfig(
         output_dir=str(output), max_steps=s["max_steps"], epochs=s["epochs"], batch_size=s["batch_size"],
@@ -230,6 +237,11 @@ def cmd_train(args) -> int:
                                    train_on_prompt=bool(s["train_on_prompt"]))
     eval_data = tokenize_examples(eval_examples, tokenizer, template, max_length=s["max_length"]) \
         if eval_examples else None
+    if s["method"] == "blob":  # the KL term and the SGD group on top of the likelihood (adapters/blob.py)
+        from peftlab.adapters.blob import BlobObjective, kl_cycle
+
+        cycle = kl_options.get("kl_cycle") or kl_cycle(len(train_data), train_config.batch_size)
+        objective = BlobObjective(objective, cycle=cycle, kl_lr=kl_options.get("kl_lr", 0.01))
     output = prepare_run_dir(output, overwrite=bool(s["overwrite"]), resume=bool(s["resume"]))
     if train_data.n_truncated or train_data.n_dropped:
         print(f"note: {train_data.n_truncated} example(s) truncated and {train_data.n_dropped} dropped at "
@@ -521,6 +533,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     p.set_defaults(run=cmd_compare)
+
+    p = sub.add_parser("calibrate", help="train classifiers (MLE, MAP, MC dropout, ensemble, BLoB) and compare "
+                                         "their calibration", description=(
+                           "Train and score each method on a multiple-choice task in BLoB's label-token framing, "
+                           "over several seeds: ACC, ECE, NLL and Brier (mean ± std), a bar plot and reliability "
+                           "diagrams."))
+    from peftlab import calibrate
+
+    calibrate.add_arguments(p)
+    p.set_defaults(run=calibrate.run)
 
     p = sub.add_parser("info", help="list methods; describe a model or an adapter file")
     p.add_argument("--model", help="describe this model's adaptable layers")

@@ -15,8 +15,8 @@ What it does, per optimizer step:
 
 Checkpoints are atomic directories of safetensors + JSON (trainable tensors, optimizer state, RNG
 states, step); ``resume=True`` continues from the latest one and reproduces an uninterrupted run.
-Methods change the loss or the parameter groups by passing an ``Objective`` (BLoB adds a KL term,
-Bitune runs two prompt passes): the loop itself has no method-specific code.
+Methods change the loss or the parameter groups by passing an ``Objective`` (BLoB adds a KL term
+and a second optimizer, Bitune runs two prompt passes): the loop itself has no method-specific code.
 """
 from __future__ import annotations
 
@@ -126,22 +126,57 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
 class Objective:
     """Causal language modelling on the label tokens (labels of -100 are ignored).
 
-    Subclasses may override ``loss`` (e.g. Bitune's two prompt passes), ``step_loss`` (a term added
-    once per optimizer step, e.g. BLoB's KL) and ``param_groups`` (per-group lr / weight decay).
+    The seams a method may override:
+      ``loss``          the summed data loss of a micro-batch (Bitune: two prompt passes; classification:
+                        the label-token NLL);
+      ``units``         what the summed loss is divided by, per example (label tokens; 1 for a classifier);
+      ``step_loss``     a term computed once per optimizer step, after the data loss (BLoB's π_t·KL);
+      ``param_groups``  torch param groups plus three optional keys: ``optimizer`` ("adamw", the default,
+                        or "sgd"), ``terms`` (which gradients the group's step uses: ("loss", "step_loss")
+                        by default) and ``lr_scale`` (its lr relative to the schedule's). A parameter may
+                        sit in groups of two optimizers, each stepping on its own terms (BLoB: AdamW on M
+                        for the likelihood, SGD on M for the KL).
     """
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed cross-entropy over the label tokens of the batch."""
         return causal_lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
+    def units(self, example: dict) -> int:
+        return count_label_tokens(example)
+
     def step_loss(self, model: nn.Module, step: int) -> torch.Tensor | None:
         return None
 
     def param_groups(self, model: nn.Module, config: TrainConfig) -> list[dict]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise TrainConfigError("the model has no trainable parameters: add an adapter before training")
-        return [{"params": params, "weight_decay": config.weight_decay}]
+        return [{"params": trainable_parameters(model), "weight_decay": config.weight_decay}]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainConfigError("the model has no trainable parameters: add an adapter before training")
+    return params
+
+
+TERMS = ("loss", "step_loss")
+OPTIMIZERS = {"adamw": lambda groups, config: torch.optim.AdamW(groups, lr=config.lr, betas=config.betas),
+              "sgd": lambda groups, config: torch.optim.SGD(groups, lr=config.lr)}
+
+
+def build_optimizers(groups: list[dict], config: TrainConfig) -> list[torch.optim.Optimizer]:
+    """One optimizer per kind named by the groups, in order of first appearance; each group keeps its
+    ``terms`` and ``lr_scale`` keys (torch optimizers carry unknown group keys along)."""
+    by_kind: dict[str, list[dict]] = {}
+    for group in groups:
+        kind = group.setdefault("optimizer", "adamw")
+        if kind not in OPTIMIZERS:
+            raise TrainConfigError(f"unknown optimizer {kind!r} in a param group: choose from {sorted(OPTIMIZERS)}")
+        terms = tuple(group.setdefault("terms", TERMS))
+        if not terms or set(terms) - set(TERMS):
+            raise TrainConfigError(f"param group terms {terms} must be a non-empty subset of {TERMS}")
+        by_kind.setdefault(kind, []).append(group)
+    return [OPTIMIZERS[kind](kind_groups, config) for kind, kind_groups in by_kind.items()]
 
 
 def causal_lm_loss(model: nn.Module, input_ids, attention_mask, labels, **model_kwargs) -> torch.Tensor:
@@ -273,15 +308,15 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     torch.manual_seed(config.seed + rank)  # dropout noise differs between processes, as it should
 
-    optimizer = torch.optim.AdamW(objective.param_groups(model, config), lr=config.lr, betas=config.betas)
+    optimizers = build_optimizers(objective.param_groups(model, config), config)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     start_step, history = 0, []
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:
-        start_step, history = _load_checkpoint(checkpoint, named_trainable, optimizer, rank)
+        start_step, history = _load_checkpoint(checkpoint, named_trainable, optimizers, rank)
     elif resume:
         accelerator.print(f"no checkpoint in {output_dir}/checkpoints: starting from step 0")
-    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, *optimizers = accelerator.prepare(model, *optimizers)
 
     if accelerator.is_main_process:
         info = {"train": config.to_dict(), "world_size": world, "total_steps": total_steps,
@@ -315,10 +350,11 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
     for step in range(start_step, end_step):
         step_started = time.perf_counter()
         indices = global_batch(step)
-        n_label_tokens = sum(count_label_tokens(train_data[i]) for i in indices)
+        n_label_tokens = sum(objective.units(train_data[i]) for i in indices)
         lr = lr_at(step, config, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
         step_loss = 0.0
         for micro in range(accumulation):
             first = (micro * world + rank) * config.micro_batch_size
@@ -329,18 +365,13 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
                 with accelerator.autocast():
                     # DDP averages gradients over processes, hence the factor `world`.
                     loss = objective.loss(wrapped, batch) * (world / max(1, n_label_tokens))
-                    if micro == 0:
-                        extra = objective.step_loss(model, step)
-                        if extra is not None:
-                            loss = loss + extra
                 accelerator.backward(loss)
             step_loss += loss.detach()
             tokens_seen += int(batch["attention_mask"].sum())
         grad_norm = None
         if config.max_grad_norm:
             grad_norm = float(accelerator.clip_grad_norm_([p for _, p in named_trainable], config.max_grad_norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        extra = _step_optimizers(optimizers, lambda: objective.step_loss(model, step))
         last_loss = float(accelerator.reduce(step_loss.reshape(1), reduction="mean"))
         step_seconds.append(time.perf_counter() - step_started)
         window.append(last_loss)
@@ -351,6 +382,8 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
                       "tokens_per_s": round(tokens_seen * world / max(elapsed, 1e-9), 1)}
             if grad_norm is not None:
                 record["grad_norm"] = round(grad_norm, 6)
+            if extra is not None:
+                record["step_loss"] = round(extra, 6)
             log(record)
             window.clear()
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -360,7 +393,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
             model.train()
         if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == end_step) \
                 or (stop_after_steps is not None and step + 1 == end_step < total_steps):
-            _save_checkpoint(output_dir, step + 1, named_trainable, optimizer, history, config, accelerator)
+            _save_checkpoint(output_dir, step + 1, named_trainable, optimizers, history, config, accelerator)
     bar.close()
     model.eval()
 
@@ -392,12 +425,39 @@ def evaluate_loss(model, data: Sequence[dict], collate_fn, config: TrainConfig, 
         batch = {k: v.to(accelerator.device) for k, v in collate_fn(features).items()}
         with accelerator.autocast():
             total[0] += objective.loss(model, batch).float()
-        total[1] += sum(count_label_tokens(f) for f in features)
+        total[1] += sum(objective.units(f) for f in features)
     total = accelerator.reduce(total, reduction="sum")
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizer, history, config, accelerator) -> None:
+def _step_optimizers(optimizers, step_loss: Callable[[], torch.Tensor | None]) -> float | None:
+    """Step each optimizer on the gradients its groups ask for. The data loss's gradients are in
+    ``.grad``; ``step_loss`` is evaluated (once, after the optimizers before it have stepped, as in
+    BLoB's code) only if some group uses it, and differentiated on its own. Returns its value."""
+    loss_grads = {p: p.grad for opt in optimizers for group in opt.param_groups for p in group["params"]}
+    extra, extra_grads = None, {}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            if "step_loss" in group["terms"] and extra is None:
+                value = step_loss()
+                extra = float("nan") if value is None else float(value.detach())
+                if value is not None:
+                    params = [p for p in loss_grads if p.requires_grad]
+                    grads = torch.autograd.grad(value, params, allow_unused=True)
+                    extra_grads = {p: g for p, g in zip(params, grads) if g is not None}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                parts = [source.get(p) for term, source in (("loss", loss_grads), ("step_loss", extra_grads))
+                         if term in group["terms"]]
+                parts = [g.to(p.dtype) for g in parts if g is not None]
+                p.grad = None if not parts else parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+        optimizer.step()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return None if extra is None or math.isnan(extra) else extra
+
+
+def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizers, history, config, accelerator) -> None:
     """Write checkpoints/step-N atomically: into a hidden directory first, renamed when complete."""
     root = output_dir / "checkpoints"
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
@@ -408,9 +468,12 @@ def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizer, hi
     save_file(_rng_state(), str(tmp / f"rng-rank{accelerator.process_index}.safetensors"))
     if accelerator.is_main_process:
         save_file({n: p.detach().cpu().contiguous() for n, p in named_trainable}, str(tmp / "trainable.safetensors"))
-        opt_tensors, opt_meta = _optimizer_to_files(getattr(optimizer, "optimizer", optimizer))
-        save_file({k: v.cpu().contiguous() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
-        state = {"step": step, "optimizer": opt_meta, "history": history, "train": config.to_dict(),
+        metas = []
+        for i, optimizer in enumerate(optimizers):
+            opt_tensors, opt_meta = _optimizer_to_files(getattr(optimizer, "optimizer", optimizer))
+            save_file({k: v.cpu().contiguous() for k, v in opt_tensors.items()}, str(tmp / _optimizer_file(i)))
+            metas.append(opt_meta)
+        state = {"step": step, "optimizers": metas, "history": history, "train": config.to_dict(),
                  "world_size": accelerator.num_processes}
         (tmp / "state.json").write_text(json.dumps(state, default=str))
     accelerator.wait_for_everyone()
@@ -422,7 +485,11 @@ def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizer, hi
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(path: Path, named_trainable, optimizer, rank: int) -> tuple[int, list[dict]]:
+def _optimizer_file(index: int) -> str:
+    return "optimizer.safetensors" if index == 0 else f"optimizer-{index}.safetensors"
+
+
+def _load_checkpoint(path: Path, named_trainable, optimizers, rank: int) -> tuple[int, list[dict]]:
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "trainable.safetensors"))
     names = [n for n, _ in named_trainable]
@@ -435,8 +502,12 @@ def _load_checkpoint(path: Path, named_trainable, optimizer, rank: int) -> tuple
                 raise TrainConfigError(f"checkpoint {path}: {name} has shape {tuple(tensors[name].shape)}, the model "
                                        f"{tuple(p.shape)}: resume with the same settings or use --overwrite")
             p.copy_(tensors[name])
-    optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / "optimizer.safetensors")),
-                                                    state["optimizer"]))
+    metas = state.get("optimizers", [state.get("optimizer")])
+    if len(metas) != len(optimizers):
+        raise TrainConfigError(f"checkpoint {path} has {len(metas)} optimizer(s), this run {len(optimizers)}: resume "
+                               "with the same method and settings or use --overwrite")
+    for i, (optimizer, meta) in enumerate(zip(optimizers, metas)):
+        optimizer.load_state_dict(_optimizer_from_files(load_file(str(path / _optimizer_file(i))), meta))
     rng_file = path / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():
         _set_rng_state(load_file(str(rng_file)))

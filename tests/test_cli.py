@@ -160,7 +160,8 @@ def test_chat_session(run_dir, model_dir):
 
 METHOD_FLAGS = {"vera": ["--r", "16"], "oft": ["--block-size", "16"],
                 "ether": ["--n-blocks", "4", "--targets", "all-linear"], "etherplus": ["--n-blocks", "4"], "etherplus_hh": ["--n-blocks", "4"],
-                "bottleneck": ["--bottleneck-size", "8", "--scaling", "learned", "--init", "zero_up"]}
+                "bottleneck": ["--bottleneck-size", "8", "--scaling", "learned", "--init", "zero_up"],
+                "blob": ["--prior-std", "0.1", "--kl-cycle", "2", "--kl-lr", "0.02"]}
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_FLAGS))
@@ -180,6 +181,9 @@ def test_train_every_method_with_sibo(model_dir, tmp_path, method):
     assert boosted_layers(model)  # the booster comes back with the adapter
     if method == "bottleneck":
         assert config["scaling"] == "learned" and config["target_modules"]  # the method's own default targets
+    if method == "blob":  # trained with the KL term, whose weighted value is logged
+        assert config["prior_std"] == 0.1
+        assert "step_loss" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
 
 
 def test_bad_method_flags(model_dir, capsys, tmp_path):
@@ -188,6 +192,7 @@ def test_bad_method_flags(model_dir, capsys, tmp_path):
     assert "do not apply to method lora" in fail(capsys, base + ["--n-blocks", "4"])
     assert "n_blocks=3 does not divide" in fail(capsys, base + ["--method", "ether", "--n-blocks", "3"])
     assert "sibo_lambda must be in [0, 1]" in fail(capsys, base + ["--sibo-lambda", "2"])
+    assert "applies only to --method blob" in fail(capsys, base + ["--kl-lr", "0.1"])
     assert not (tmp_path / "x").exists()
 
 
