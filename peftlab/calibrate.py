@@ -11,6 +11,8 @@ the same code path:
     mle    LoRA; AdamW without weight decay; one deterministic pass
     map    LoRA; AdamW weight decay 1e-5 (a Gaussian prior on the LoRA weights, as in the paper)
     mcd    LoRA dropout 0.1, kept on at test time; mean of the softmax over N passes
+    lap    MAP, then a post-hoc Laplace posterior over the LoRA weights with the linearised predictive
+           (Laplace-LoRA, peftlab/laplace.py; K-FAC, prior precision by the evidence)
     ens    M LoRA adapters seeded independently (initialisation and data order) on one base model,
            trained one after another; softmax of the mean logits (the BLoB code's ensemble rule)
     blob   BLoB (peftlab/adapters/blob.py): mean of the softmax over N sampled passes, and N = 0 (the
@@ -247,6 +249,7 @@ class Recipe:
     weight_decay: float = 0.0
     members: int = 1
     predictions: tuple[Predictive, ...] = (Predictive("MLE"),)
+    laplace: bool = False              # post-hoc Laplace-LoRA on the trained adapter (peftlab/laplace.py)
 
 
 def recipes(samples: int = 10, members: int = 3) -> dict[str, Recipe]:
@@ -257,6 +260,7 @@ def recipes(samples: int = 10, members: int = 3) -> dict[str, Recipe]:
         Recipe("ens", members=members, predictions=(Predictive(f"ENS (M={members})", 0, "logits"),)),
         Recipe("blob", adapter="blob", predictions=(Predictive(f"BLoB (N={samples})", samples),
                                                     Predictive("BLoB (N=0)", 0))),
+        Recipe("lap", weight_decay=1e-5, laplace=True, predictions=(Predictive("LAP"),)),
     )}
 
 
@@ -335,6 +339,7 @@ class Study:
     eval_limit: int | None = None
     max_length: int = 300
     eval_batch_size: int = 16
+    laplace_examples: int | None = None  # training examples the Laplace posterior is fitted on (None: all)
 
 
 def load_splits(task_name: str, data_dir: str | Path, train_limit: int | None, eval_limit: int | None):
@@ -407,8 +412,11 @@ def _run_one(model, tokenizer, recipe: Recipe, seed: int, study: Study, train_da
         torch.manual_seed(seed)  # the sampled passes are reproducible per seed
         bar = _Bar(len(eval_data), f"{predictive.label} seed {seed}", progress)
         started = time.perf_counter()
-        probs = predict_probs(model, eval_data, pad_id, predictive, tuple(names) if len(names) > 1 else (),
-                              study.eval_batch_size, bar)
+        if recipe.laplace:
+            probs = _laplace_probs(model, train_data[:study.laplace_examples], eval_data, pad_id, seed, bar, progress)
+        else:
+            probs = predict_probs(model, eval_data, pad_id, predictive, tuple(names) if len(names) > 1 else (),
+                                  study.eval_batch_size, bar)
         bar.close()
         runs.append({"method": predictive.label, "recipe": recipe.name, "seed": seed,
                      **calibration.calibration_metrics(probs, labels), "train_seconds": round(train_seconds, 1),
@@ -419,6 +427,16 @@ def _run_one(model, tokenizer, recipe: Recipe, seed: int, study: Study, train_da
         remove_adapter(model, name)
     done.write_text(json.dumps(runs, indent=2) + "\n")
     return runs
+
+
+def _laplace_probs(model, fit_data, eval_data, pad_id: int, seed: int, bar, progress: bool) -> torch.Tensor:
+    from peftlab.evaluation.tasks import _Bar
+    from peftlab.laplace import LaplaceLoRA
+
+    fit_bar = _Bar(len(fit_data), "Laplace fit", progress)
+    posterior = LaplaceLoRA(model).fit(fit_data, pad_id, progress=fit_bar)
+    fit_bar.close()
+    return posterior.predict(eval_data, pad_id, generator=torch.Generator().manual_seed(seed), progress=bar)
 
 
 def _slug(label: str) -> str:
@@ -487,8 +505,8 @@ def add_arguments(p) -> None:
                    help="classification task: its train split is trained on, its test split scored")
     p.add_argument("--data", help="the LLM-Adapters data folder with dataset/<NAME>/{train,test}.json "
                                   "(default: $PEFTLAB_DATA)")
-    p.add_argument("--methods", default="mle,map,mcd,ens,blob",
-                   help="comma-separated recipes: mle, map, mcd, ens, blob (default: %(default)s)")
+    p.add_argument("--methods", default="mle,map,mcd,ens,blob,lap",
+                   help="comma-separated recipes: mle, map, mcd, ens, blob, lap (default: %(default)s)")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="base model (default: %(default)s)")
     p.add_argument("--steps", type=int, default=b.steps, help="optimizer steps per adapter (default: %(default)s)")
@@ -508,6 +526,8 @@ def add_arguments(p) -> None:
     p.add_argument("--train-limit", type=int, help="train on a fixed random subset of this many examples")
     p.add_argument("--eval-limit", type=int, help="score the first N test examples")
     p.add_argument("--eval-batch-size", type=int, default=16, help="examples per scoring forward (default 16)")
+    p.add_argument("--laplace-examples", type=int, help="lap: fit the posterior on the first N training examples "
+                                                        "(default: all)")
     p.add_argument("--output", default="runs/calibrate", help="directory for runs, table and plots "
                                                               "(default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="keep finished (method, seed) runs in --output")
@@ -544,7 +564,7 @@ def run(args) -> int:
                     or args.batch_size, lr=args.lr, rank=args.rank, alpha=args.alpha, targets=targets,
                     kl_lr=args.kl_lr, kl_cycle=args.kl_cycle)
     study = Study(args.task, methods, seeds, budget, args.samples, args.members, args.train_limit, args.eval_limit,
-                  eval_batch_size=args.eval_batch_size)
+                  eval_batch_size=args.eval_batch_size, laplace_examples=args.laplace_examples)
     load_splits(args.task, data, 1, 1)  # the data files exist and parse, before the model loads
     adapter_config(Recipe("check", adapter="blob"), budget)  # the adapter settings are valid
     output = Path(args.output)

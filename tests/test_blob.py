@@ -404,10 +404,11 @@ def test_calibrate_study_end_to_end(tmp_path, tokenizer):
     from peftlab.calibrate import Budget, Study, run_study
 
     data = _task_folder(tmp_path)
-    study = Study("arc_e", ["mle", "ens", "blob"], [1, 2], Budget(steps=2, batch_size=4, micro_batch_size=4,
-                                                                   targets=QV), samples=3, members=2)
+    study = Study("arc_e", ["mle", "ens", "blob", "lap"], [1, 2], Budget(steps=2, batch_size=4, micro_batch_size=4,
+                                                                          targets=QV), samples=3, members=2,
+                  laplace_examples=8)
     summary = run_study(tiny_model(seed=0), tokenizer, study, data, tmp_path / "out", progress=False)
-    assert list(summary["table"]) == ["MLE", "ENS (M=2)", "BLoB (N=3)", "BLoB (N=0)"]
+    assert list(summary["table"]) == ["MLE", "ENS (M=2)", "BLoB (N=3)", "BLoB (N=0)", "LAP"]
     assert all(summary["table"][m]["seeds"] == 2 for m in summary["table"])
     for name in ("calibration.json", "calibration.png", "reliability_blob_n_3.png", "ens/seed1/member1/adapter.json",
                  "blob/seed2/adapter.safetensors", "blob/seed2/result.json"):
