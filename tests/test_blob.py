@@ -460,14 +460,23 @@ def test_blob_export_as_plain_peft_is_refused_but_the_mean_exports_as_lora(tmp_p
 
 
 def test_embedded_blob_study_data_parses():
-    """The real ARC-Easy and BoolQ train/test files give classification data with single-token labels."""
-    from peftlab.calibrate import load_splits
+    """The five tasks' real files give classification data whose labels are single tokens of the embedded
+    tokenizer (WinoGrande has no train split in the shared data: its test file is checked)."""
+    from peftlab.calibrate import CLASSIFICATION_TASKS, load_splits
+    from peftlab.evaluation.choice import label_prompt
+    from peftlab.evaluation.tasks import get_task, load_choice_examples, task_file
     from peftlab.models import load_tokenizer
 
-    root = shared_data("LLM-Adapters/dataset")
+    root = shared_data("LLM-Adapters/dataset").parent
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    for task in ("arc_e", "boolq"):
-        _, train_examples, test_examples = load_splits(task, root.parent, 50, 50)
-        assert len(train_examples) == 50 and len(test_examples) == 50
-        data = classification_data(train_examples, tokenizer)
-        assert all(0 <= f["label"] < len(f["choices"]) for f in data)
+    for task in CLASSIFICATION_TASKS:
+        if task == "winogrande":
+            test_examples = load_choice_examples(get_task(task), task_file(get_task(task), root), 50)
+        else:
+            _, train_examples, test_examples = load_splits(task, root, 50, 50)
+            assert len(train_examples) == 50
+        data = classification_data(test_examples, tokenizer)
+        assert len(data) == 50 and all(0 <= f["label"] < len(f["choices"]) for f in data)
+        for example in test_examples[:10]:
+            _, labels = label_prompt(example)
+            assert all(len(tokenizer.encode(label, add_special_tokens=False)) == 1 for label in labels), (task, labels)

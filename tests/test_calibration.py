@@ -102,3 +102,14 @@ def test_reliability_diagram(tmp_path):
     assert bins["count"].sum() == 200 and len(bins["count"]) == 16
     path = reliability_diagram(probs, labels, tmp_path / "rel.png", title="random")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_confident_coin_flip_and_uniform_predictor():
+    """Spec blob.md §9.8–9.9: confidence 1.0 at 50% accuracy has ECE 0.5; uniform predictions over C
+    classes have NLL log C and Brier 1 − 1/C."""
+    labels = torch.tensor([0, 1] * 50)
+    assert expected_calibration_error(torch.tensor([[1.0, 0.0]] * 100), labels) == pytest.approx(0.5)
+    for classes in (2, 4, 5):
+        probs = torch.full((100, classes), 1.0 / classes)
+        m = calibration_metrics(probs, labels)
+        assert m["nll"] == pytest.approx(math.log(classes)) and m["brier"] == pytest.approx(1 - 1 / classes)
