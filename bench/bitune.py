@@ -47,11 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=8, help="prompts generated in one batch (default: %(default)s)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--r", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps-per-round", type=int, default=2)
-    p.add_argument("--max-busy", type=float, default=0.10)
-    p.add_argument("--retries", type=int, default=2)
-    p.add_argument("--quiet-wait", type=float, default=300.0)
+    common.add_timing_arguments(p)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bitune.json"))
     return p.parse_args(argv)
 

@@ -50,10 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--examples", type=int, default=32, help="test questions predicted (default: %(default)s)")
     p.add_argument("--samples", type=int, default=10)
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--max-busy", type=float, default=0.10)
-    p.add_argument("--retries", type=int, default=2)
-    p.add_argument("--quiet-wait", type=float, default=300.0)
+    common.add_timing_arguments(p)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "blob.json"))
     return p.parse_args(argv)
 

@@ -52,6 +52,16 @@ def round_robin(names: Sequence[str], rounds: int) -> Iterable[list[str]]:
         yield names[k:] + names[:k]
 
 
+def add_timing_arguments(parser, rounds: int = 3, max_busy: float = 0.10, retries: int = 2,
+                         quiet_wait: float = 300.0) -> None:
+    """The flags of ``timed_rounds``: rounds, and when a round counts as quiet enough to keep."""
+    parser.add_argument("--rounds", type=int, default=rounds, help="round-robin rounds (default: %(default)s)")
+    parser.add_argument("--max-busy", type=float, default=max_busy,
+                        help="discard a round if other processes used more than this share of the CPU")
+    parser.add_argument("--retries", type=int, default=retries, help="times a busy round is redone")
+    parser.add_argument("--quiet-wait", type=float, default=quiet_wait, help="seconds to wait for a quiet machine")
+
+
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
