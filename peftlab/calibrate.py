@@ -219,23 +219,20 @@ class _tile_inputs:
         return tuple(self._tile(a, batch) for a in args), {k: self._tile(v, batch) for k, v in kwargs.items()}
 
 
-class _dropout_on:
+@contextmanager
+def _dropout_on(model: nn.Module):
     """Context: the dropout layers inside adapters sample at test time (MC dropout); the base model's
     own dropout stays as it is."""
+    from peftlab.inject import adapter_layers
 
-    def __init__(self, model: nn.Module):
-        from peftlab.inject import adapter_layers
-
-        self.modules = [m for _, layer in adapter_layers(model) for m in layer.adapters.modules()
-                        if isinstance(m, nn.Dropout)]
-
-    def __enter__(self):
-        self.saved = [m.training for m in self.modules]
-        for m in self.modules:
-            m.train(True)
-
-    def __exit__(self, *exc):
-        for m, mode in zip(self.modules, self.saved):
+    modules = [m for _, layer in adapter_layers(model) for m in layer.adapters.modules() if isinstance(m, nn.Dropout)]
+    saved = [m.training for m in modules]
+    for m in modules:
+        m.train(True)
+    try:
+        yield model
+    finally:
+        for m, mode in zip(modules, saved):
             m.train(mode)
 
 
