@@ -147,8 +147,7 @@ def main(argv=None) -> dict:
               "answer_tokens": n_labels, "prompt_tokens": prompt_tokens, "trainable_parameters": trainable,
               "median_seconds": med, "ratios": ratios,
               "raw": {"train": train_times, "prefill": prefill_times, "generate": generate_times}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(args.out, result)
     print(f"results: {args.out}")
     return result
 

@@ -143,8 +143,7 @@ def main(argv=None) -> dict:
               "settings": vars(args), "placements": {k: str(v) for k, v in PLACEMENTS.items()},
               "trainable_parameters": trainable, "median_seconds": {"train_step": med_train, "predict": med_predict},
               "ratios": ratios, "raw": {"train": train_times, "predict": predict_times}}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    common.write_json(args.out, result)
     print(f"results: {args.out}")
     return result
 
