@@ -18,7 +18,6 @@ pass) and the whole generation. Writes bench/results/bitune.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path

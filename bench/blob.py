@@ -19,7 +19,6 @@ time over 10× the N = 1 time: below 1 when the tiling saves work. Writes bench/
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
