@@ -435,26 +435,24 @@ def _step_optimizers(optimizers, step_loss: Callable[[], torch.Tensor | None]) -
     ``.grad``; ``step_loss`` is evaluated (once, after the optimizers before it have stepped, as in
     BLoB's code) only if some group uses it, and differentiated on its own. Returns its value."""
     loss_grads = {p: p.grad for opt in optimizers for group in opt.param_groups for p in group["params"]}
-    extra, extra_grads = None, {}
+    extra, extra_grads, evaluated = None, {}, False
     for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            if "step_loss" in group["terms"] and extra is None:
-                value = step_loss()
-                extra = float("nan") if value is None else float(value.detach())
-                if value is not None:
-                    params = [p for p in loss_grads if p.requires_grad]
-                    grads = torch.autograd.grad(value, params, allow_unused=True)
-                    extra_grads = {p: g for p, g in zip(params, grads) if g is not None}
+        if not evaluated and any("step_loss" in group["terms"] for group in optimizer.param_groups):
+            evaluated, value = True, step_loss()
+            if value is not None:
+                extra = float(value.detach())
+                params = [p for p in loss_grads if p.requires_grad]
+                grads = torch.autograd.grad(value, params, allow_unused=True)
+                extra_grads = {p: g for p, g in zip(params, grads) if g is not None}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                parts = [source.get(p) for term, source in (("loss", loss_grads), ("step_loss", extra_grads))
-                         if term in group["terms"]]
-                parts = [g.to(p.dtype) for g in parts if g is not None]
-                p.grad = None if not parts else parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+                parts = [source[p].to(p.dtype) for term, source in (("loss", loss_grads), ("step_loss", extra_grads))
+                         if term in group["terms"] and source.get(p) is not None]
+                p.grad = sum(parts[1:], parts[0]) if parts else None
         optimizer.step()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    return None if extra is None or math.isnan(extra) else extra
+    return extra
 
 
 def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizers, history, config, accelerator) -> None:
