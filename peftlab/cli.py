@@ -80,11 +80,13 @@ TRAIN_DEFAULTS = {
     "model": EMBEDDED_MODEL, "data": None, "eval_data": None, "eval_size": 0, "limit": None,
     "template": "chat", "max_length": 512, "train_on_prompt": False,
     "method": "lora", "targets": None, "output": None, "overwrite": False, "resume": False,
-    "max_steps": None, "epochs": 1.0, "batch_size": 8, "micro_batch_size": 8, "lr": 2e-4, "weight_decay": 0.0,
+    "max_steps": None, "epochs": 1.0, "batch_size": 8, "micro_batch_size": 8, "lr": None, "weight_decay": 0.0,
     "warmup_steps": 0, "schedule": "cosine", "max_grad_norm": 1.0, "eval_every": 0, "save_every": 0,
     "keep_checkpoints": 2, "seed": 0, "mixed_precision": "no", "dtype": "float32",
     "bitune": False, "bitune_mixing": None, "bitune_init": None, "kl_lr": None, "kl_cycle": None,
+    "bita_prompt_tokens": 16, "bita_mask_tokens": 3, "bita_groups": 64, "bita_repeats": 1,
 }
+BITA_LR = 1e-2  # the paper's 3e-2 is for 7B+ models and a batch of 128; 1e-2 for small models (spec appendix A)
 
 
 def add_train_parser(sub) -> None:
@@ -116,6 +118,11 @@ def add_train_parser(sub) -> None:
     a("--kl-lr", type=float, help="blob: SGD learning rate of the std parameters and the KL term (default 0.01)")
     a("--kl-cycle", type=int, help="blob: steps per cycle of the KL weight (default: the paper's rule, "
                                    "int(100·N^(π/8)/batch))")
+    a("--bita-prompt-tokens", type=int, help="bita: prefix key/value vectors per layer, P (default 16)")
+    a("--bita-mask-tokens", type=int, help="bita: mask tokens, M: tokens drafted per pass (default 3)")
+    a("--bita-groups", type=int, help="bita: mask groups packed per sequence (default 64)")
+    a("--bita-repeats", type=int, help="bita: copies of each pair, each with its own random window of groups "
+                                       "(default 1; the paper uses 4)")
     a("--output", help="run directory (default runs/<method>)")
     a("--overwrite", action="store_true", default=None, help="replace the run already in --output")
     a("--resume", action="store_true", default=None, help="continue the run in --output from its latest checkpoint")
@@ -123,7 +130,7 @@ def add_train_parser(sub) -> None:
     a("--epochs", type=float, help="passes over the data when --max-steps is not given (default 1)")
     a("--batch-size", type=int, help="global batch: examples per optimizer step (default 8)")
     a("--micro-batch-size", type=int, help="examples per forward pass on one process (default 8)")
-    a("--lr", type=float, help="peak learning rate (default 2e-4)")
+    a("--lr", type=float, help=f"peak learning rate (default 2e-4; {BITA_LR} for bita)")
     a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     a("--warmup-steps", type=int, help="linear warmup steps (default 0)")
     a("--schedule", help="cosine (default), linear or constant after warmup")
@@ -184,11 +191,17 @@ def cmd_train(args) -> int:
     from peftlab.data import DataError, get_template, load_examples, tokenize_examples
     from peftlab.inject import add_adapter, format_summary, trainable_summary
     from peftlab.models import load_model, load_tokenizer
-    from peftlab.train import TrainConfig, prepare_run_dir, train
+    from peftlab.train import prepare_run_dir, train
 
     s = _train_settings(args)
     if not s["data"]:
         raise CliError("no training data: pass --data FILE (or builtin:arithmetic), or set data: in --config")
+    bita_options = sorted(k for k in TRAIN_DEFAULTS if k.startswith("bita_") and s[k] != TRAIN_DEFAULTS[k])
+    if s["method"] == "bita":
+        return _train_bita(s)
+    if bita_options:
+        raise CliError(f"option(s) {bita_options} apply only to --method bita: remove them")
+    s["lr"] = s["lr"] or 2e-4
     adapter_class = method_class(s["method"])
     method_values = {f.name: s[f.name] for f in dataclasses.fields(adapter_class.config_class)
                      if f.name in s and f.name not in TARGET_FIELDS}
@@ -204,12 +217,7 @@ def cmd_train(args) -> int:
         raise CliError(f"--{'/--'.join(k.replace('_', '-') for k in kl_options)} applies only to --method blob: "
                        "remove it or train BLoB")
     output = Path(s["output"] or f"runs/{s['method']}" + ("-bitune" if bitune_config else ""))
-    train_config = TrainConfig(
-        output_dir=str(output), max_steps=s["max_steps"], epochs=s["epochs"], batch_size=s["batch_size"],
-        micro_batch_size=min(s["micro_batch_size"], s["batch_size"]), lr=s["lr"], weight_decay=s["weight_decay"],
-        warmup_steps=s["warmup_steps"], schedule=s["schedule"], max_grad_norm=s["max_grad_norm"] or None,
-        eval_every=s["eval_every"], save_every=s["save_every"], keep_checkpoints=s["keep_checkpoints"],
-        seed=s["seed"], mixed_precision=s["mixed_precision"])
+    train_config = _train_config(s, output)
     examples = load_examples(str(s["data"]), limit=s["limit"])  # validate inputs before touching the run dir
     eval_examples = load_examples(str(s["eval_data"])) if s["eval_data"] else []
     if s["eval_size"]:
@@ -258,6 +266,62 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _train_config(s: dict, output: Path):
+    from peftlab.train import TrainConfig
+
+    return TrainConfig(
+        output_dir=str(output), max_steps=s["max_steps"], epochs=s["epochs"], batch_size=s["batch_size"],
+        micro_batch_size=min(s["micro_batch_size"], s["batch_size"]), lr=s["lr"], weight_decay=s["weight_decay"],
+        warmup_steps=s["warmup_steps"], schedule=s["schedule"], max_grad_norm=s["max_grad_norm"] or None,
+        eval_every=s["eval_every"], save_every=s["save_every"], keep_checkpoints=s["keep_checkpoints"],
+        seed=s["seed"], mixed_precision=s["mixed_precision"])
+
+
+def _train_bita(s: dict) -> int:
+    """BiTA: prompt and mask tokens on a frozen model, trained on `peftlab distill` pairs."""
+    from peftlab.distill import read_pairs
+    from peftlab.inject import format_summary, trainable_summary
+    from peftlab.methods.bita import BitaConfig, BitaObjective, add_bita, collate, training_data
+    from peftlab.models import load_model, load_tokenizer
+    from peftlab.train import prepare_run_dir, train
+
+    foreign = [k for k in ("targets", "bitune", "eval_data", "eval_size", "kl_lr", "kl_cycle")
+               if s[k] not in (None, False, 0)] + sorted(k for k in set(_method_fields()) & set(s))
+    if foreign:
+        raise CliError(f"option(s) {foreign} do not apply to --method bita (prompt and mask tokens on a frozen "
+                       "model): remove them")
+    if s["bita_groups"] < 1 or s["bita_repeats"] < 1:
+        raise CliError(f"--bita-groups and --bita-repeats must be >= 1, got {s['bita_groups']} and "
+                       f"{s['bita_repeats']}")
+    config = BitaConfig(prompt_tokens=s["bita_prompt_tokens"], mask_tokens=s["bita_mask_tokens"])
+    s["lr"] = s["lr"] or BITA_LR
+    output = Path(s["output"] or "runs/bita")
+    train_config = _train_config(s, output)
+    pairs = read_pairs(s["data"])[:s["limit"]]  # validate inputs before touching the run dir
+    tokenizer, model = load_tokenizer(s["model"]), load_model(s["model"], dtype=s["dtype"])
+    bita = add_bita(model, config, seed=s["seed"])
+    vocab = bita.mask_id
+    bad = next((i for i, p in enumerate(pairs) if max(p["prompt_ids"] + p["response_ids"]) >= vocab), None)
+    if bad is not None:
+        raise CliError(f"{s['data']} record {bad} has token ids beyond this model's vocabulary ({vocab}): "
+                       "distill with the same --model")
+    data = training_data(pairs, bita, max_groups=s["bita_groups"], repeats=s["bita_repeats"], seed=s["seed"],
+                         max_length=s["max_length"])
+    if not data:
+        raise CliError(f"no pair in {s['data']} has a response longer than {config.mask_tokens} tokens: "
+                       "distill with a larger --max-new-tokens")
+    output = prepare_run_dir(output, overwrite=bool(s["overwrite"]), resume=bool(s["resume"]))
+    summary = trainable_summary(model)
+    print(format_summary(summary))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = train(model, data, train_config, tokenizer=tokenizer, resume=bool(s["resume"]), objective=BitaObjective(),
+                   collate_fn=lambda features: collate(features, pad),
+                   run_info={"settings": s, "bita": config.to_dict(), "pairs": len(pairs),
+                             "trainable_parameters": summary["trainable"]})
+    print(f"trained {result.steps} steps, final loss {result.final_loss:.4f}; run saved in {output}")
+    return 0
+
+
 # -- generate / chat ----------------------------------------------------------------------------
 
 def add_generation_flags(p) -> None:
@@ -270,6 +334,16 @@ def add_generation_flags(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
 
 
+def _parse_tree(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise CliError(f"--tree {text!r} is not a list of positive widths: use e.g. 1,1,1 (a chain) or 5,4,3")
+    return widths
+
+
 def cmd_generate(args) -> int:
     from peftlab.generate import generate
 
@@ -279,17 +353,49 @@ def cmd_generate(args) -> int:
         prompts += [e.instruction + ("\n\n" + e.input if e.input else "") for e in load_examples(args.prompts)]
     if not prompts:
         raise CliError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+    if args.accelerate and not args.adapter:
+        raise CliError(f"--accelerate {args.accelerate} needs the trained tokens: pass --adapter RUN "
+                       "(a run of `peftlab train --method bita`)")
+    tree = _parse_tree(args.tree) if args.tree else None
     model, tokenizer = _load_model_and_adapter(args)
     template = None if args.template == "none" else args.template
-    outputs = generate(model, tokenizer, prompts, template=template, max_new_tokens=args.max_new_tokens,
-                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                       progress=len(prompts) > args.batch_size)
+    if args.accelerate:
+        from peftlab.generate import generate_accelerated
+
+        runs = generate_accelerated(model, tokenizer, prompts, template, args.max_new_tokens, args.temperature,
+                                    args.accelerate, tree, progress=len(prompts) > 1)
+        outputs = [tokenizer.decode(run.tokens, skip_special_tokens=True) for run in runs]
+        tokens, forwards = sum(len(r.tokens) for r in runs), sum(r.forwards for r in runs)
+        seconds = sum(r.seconds for r in runs)
+        print(f"bita: {tokens} tokens in {forwards} forward passes ({tokens / max(1, forwards):.2f} per pass), "
+              f"{tokens / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
+    else:
+        outputs = generate(model, tokenizer, prompts, template=template, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                           progress=len(prompts) > args.batch_size)
     if args.output:
         with open(args.output, "w") as f:
             for prompt, output in zip(prompts, outputs):
                 f.write(json.dumps({"prompt": prompt, "output": output}) + "\n")
     for prompt, output in zip(prompts, outputs):
         print(output if len(prompts) == 1 else f"### {prompt}\n{output}\n")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from peftlab.distill import distill, read_prompts
+    from peftlab.models import load_model, load_tokenizer
+
+    prompts = read_prompts(args.prompts, limit=args.limit)
+    output = Path(args.output)
+    if output.exists() and not (args.resume or args.overwrite):  # before the model is loaded
+        raise CliError(f"{output} exists: pass --resume to continue it, --overwrite to replace it, "
+                       "or choose another --output")
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model, padding_side="left")
+    distill(model, tokenizer, prompts, output, template=None if args.template == "none" else args.template,
+            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, resume=args.resume,
+            overwrite=args.overwrite)
+    print(f"{len(prompts)} greedy answers of {args.model} in {output}")
     return 0
 
 
@@ -478,6 +584,8 @@ def cmd_info(args) -> int:
         print(f"  {method:12s} {doc[0] if doc else ''}")
     print("model-level methods (on top of any adapter method):")
     print("  bitune       --bitune: the prompt read twice (causal and bidirectional), KV caches mixed per layer")
+    print("  bita         --method bita: prompt + mask tokens on a frozen model; `generate --accelerate bita` drafts "
+          "and verifies (lossless greedy)")
     print(f"models: {EMBEDDED_MODEL} (embedded), any HF id, local checkpoint directory or .gguf file")
     if args.model:
         from peftlab.inject import _linear_names
@@ -504,7 +612,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="a data file whose instructions are the prompts")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     p.add_argument("--output", help="also write {prompt, output} lines to this JSONL file")
+    p.add_argument("--accelerate", choices=["bita"], help="bita: draft and verify with the adapter's BiTA tokens "
+                                                          "(greedy; output identical to plain greedy decoding)")
+    p.add_argument("--tree", help="bita: draft-tree widths per level, e.g. 1,1,1 (CPU default) or 5,4,3 (GPU default)")
     p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("distill", help="write the base model's greedy answers (token ids) to prompts: "
+                                       "training data for BiTA", description=(
+                           "Self-distillation: exact greedy decoding of the frozen base model over a prompt set, "
+                           "stored as token ids (JSONL), batched and resumable."))
+    p.add_argument("--model", default=EMBEDDED_MODEL, help=f"base model (default {EMBEDDED_MODEL})")
+    p.add_argument("--prompts", required=True, help=".json/.jsonl prompts: strings or records with prompt, "
+                                                    "instruction(+input), question or turns (MT-Bench)")
+    p.add_argument("--output", required=True, help="JSONL file of prompt/response token ids to write")
+    p.add_argument("--template", default="chat", help="prompt template: chat (default), alpaca, plain, or none")
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8; 1 is "
+                                                             "bit-exact batch-1 greedy)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted --output")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.set_defaults(run=cmd_distill)
 
     p = sub.add_parser("chat", help="interactive chat, streaming tokens")
     add_generation_flags(p)

@@ -39,14 +39,22 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p
     return kwargs
 
 
+ACCELERATIONS = ("bita",)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], template: str | None = None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 16, add_special_tokens: bool = False,
-             progress: bool = False) -> list[str]:
+             progress: bool = False, accelerate: str | None = None, tree: Sequence[int] | None = None) -> list[str]:
     """Continue each prompt and return the generated text only. With ``template`` the prompts are
-    instructions rendered by that training template; without, they are used as they are."""
+    instructions rendered by that training template; without, they are used as they are.
+    ``accelerate="bita"`` decodes with the model's BiTA tokens (greedy, same output, fewer passes)."""
     from tqdm.auto import tqdm
 
+    if accelerate is not None:
+        runs = generate_accelerated(model, tokenizer, prompts, template, max_new_tokens, temperature, accelerate,
+                                    tree, add_special_tokens, progress)
+        return [tokenizer.decode(run.tokens, skip_special_tokens=True) for run in runs]
     if template is not None:
         prompts, add_special_tokens = _render(tokenizer, prompts, template)
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
@@ -72,6 +80,31 @@ def generate(model, tokenizer, prompts: Sequence[str], template: str | None = No
     bar.close()
     model.train(was_training)
     return outputs
+
+
+def generate_accelerated(model, tokenizer, prompts: Sequence[str], template: str | None = None,
+                         max_new_tokens: int = 128, temperature: float = 0.0, accelerate: str = "bita",
+                         tree: Sequence[int] | None = None, add_special_tokens: bool = False, progress: bool = False):
+    """One ``Decoded`` per prompt (tokens, forward passes, accepted drafts), decoded one prompt at a time."""
+    from tqdm.auto import tqdm
+
+    from peftlab.methods.bita import BitaError, bita_generate
+
+    if accelerate not in ACCELERATIONS:
+        raise BitaError(f"unknown acceleration {accelerate!r}: choose one of {ACCELERATIONS}")
+    if temperature != 0:
+        raise BitaError("BiTA decoding is greedy only (its drafts are verified against the argmax): "
+                        "use temperature 0 or drop --accelerate")
+    _generation_kwargs(tokenizer, max_new_tokens, temperature, 1.0)  # validates max_new_tokens
+    if template is not None:
+        prompts, add_special_tokens = _render(tokenizer, prompts, template)
+    device = next(model.parameters()).device
+    runs = []
+    for prompt in tqdm(prompts, desc="generate (bita)", unit="ex", disable=not progress, dynamic_ncols=True):
+        ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"].to(device)
+        runs.append(bita_generate(model, ids, max_new_tokens=max_new_tokens, tree=tree,
+                                  eos_token_id=tokenizer.eos_token_id))
+    return runs
 
 
 def stream(model, tokenizer, prompt: str, template: str | None = None, max_new_tokens: int = 256,

@@ -101,7 +101,7 @@ def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     names = adapter_names(model) if names is None else list(names)
-    if not names:
+    if not names and attached(model) is None:  # a model-level method alone (BiTA's tokens) is enough
         raise AdapterFileError("the model has no adapters to save: add one with add_adapter() first")
     configs = {}
     for _, layer in adapter_layers(model):

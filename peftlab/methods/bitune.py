@@ -223,19 +223,9 @@ def _refuse_second_method(model: nn.Module) -> None:
 
 def restore(model: nn.Module, described: dict, tensors: dict) -> None:
     """Re-attach Bitune from an adapter file (``peftlab.methods.restore``)."""
-    values = {k: v for k, v in described.items() if k != "name"}
-    try:
-        config = BituneConfig(**values)
-    except TypeError as err:
-        raise BituneError(f"the adapter file's Bitune settings are not valid ({err}): re-save the adapter") from None
-    bitune = attach(model, config)
-    state = {k[len("bitune."):]: v for k, v in tensors.items() if k.startswith("bitune.")}
-    try:
-        bitune.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detach(model)
-        raise BituneError(f"the adapter file's Bitune coefficients do not fit this model "
-                          f"({' '.join(str(err).split())[:200]}): re-save the adapter") from None
+    from peftlab.methods import rebuild
+
+    rebuild(model, described, tensors, BituneConfig, attach, detach, BituneError, "Bitune coefficients")
 
 
 def detach(model: nn.Module) -> None:

@@ -1,0 +1,155 @@
+"""Self-distillation: the frozen base model's own greedy answers, stored as token ids.
+
+    pairs = distill(model, tokenizer, prompts, "runs/distill.jsonl", max_new_tokens=256)
+
+Drafters that must agree with the base model (BiTA's mask tokens, Medusa heads) learn best from what
+the base model itself would say: exact greedy decoding (no sampling, no warpers) of each prompt,
+rendered with the template used at inference. Ids are stored as generated, not re-tokenised from
+text (re-tokenising can move token boundaries), and the EOS the model emitted stays in the response
+so a drafter learns to predict the end. One JSON line per prompt:
+
+    {"id": 7, "prompt": "...", "prompt_ids": [...], "response_ids": [..., eos], "response": "...",
+     "finished": true}
+
+Prompts are decoded in batches of similar length with left padding, so a batch's numerics differ
+from batch-1 decoding only by reduction order (a near-tie may rarely flip in float32; pass
+``batch_size=1`` for bit-exact batch-1 greedy). Lines are appended batch by batch, so an interrupted
+run continues with ``resume=True`` where it stopped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from peftlab.data import DataError, Example, get_template, read_records
+
+
+def read_prompts(source: str, limit: int | None = None) -> list[str]:
+    """Prompts from a .json/.jsonl file: strings, or records with ``prompt``, ``instruction`` (+ ``input``),
+    ``question`` or ``turns`` (MT-Bench: the first turn)."""
+    prompts = []
+    for where, record in read_records(source, limit):
+        if isinstance(record, str):
+            prompts.append(record)
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str):
+            prompts.append(record["prompt"])
+        elif isinstance(record, dict) and isinstance(record.get("instruction"), str):
+            extra = record.get("input") or ""
+            prompts.append(record["instruction"] + ("\n\n" + extra if extra else ""))
+        elif isinstance(record, dict) and isinstance(record.get("question"), str):
+            prompts.append(record["question"])
+        elif isinstance(record, dict) and record.get("turns") and isinstance(record["turns"][0], str):
+            prompts.append(record["turns"][0])
+        else:
+            raise DataError(f"{where} holds no prompt: give strings or objects with a 'prompt', 'instruction', "
+                            "'question' or 'turns' field")
+    return prompts
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], template: str | None) -> list[list[int]]:
+    """Token ids of each prompt as the model is asked at inference (``template`` None: the raw text)."""
+    if template is None:
+        return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    rendered = get_template(template, tokenizer)
+    special = getattr(rendered, "add_special_tokens", True)
+    return [tokenizer(rendered.render(Example(instruction=p))[0], add_special_tokens=special)["input_ids"]
+            for p in prompts]
+
+
+def _done_ids(path: Path) -> set[int]:
+    done = set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(int(json.loads(line)["id"]))
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path} line {number} is not a distillation record: pass --overwrite to start again "
+                            "or choose another --output") from None
+    return done
+
+
+@torch.no_grad()
+def greedy_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, pad_id: int, eos_ids: set[int]):
+    """Greedy continuations of a batch of prompts (left-padded), each cut after its first EOS."""
+    device = next(model.parameters()).device
+    width = max(map(len, prompt_ids))
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompt_ids):
+        ids[row, width - len(p):], mask[row, width - len(p):] = torch.tensor(p), 1
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                         temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
+    responses = []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+        responses.append((row[:end], end < len(row) or (bool(row) and row[-1] in eos_ids)))
+    return responses
+
+
+def distill(model, tokenizer, prompts: Sequence[str], output: str | Path, template: str | None = "chat",
+            max_new_tokens: int = 256, batch_size: int = 8, resume: bool = False, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Write the base model's greedy answer to every prompt to ``output`` (JSONL, see the module doc)."""
+    from tqdm.auto import tqdm
+
+    if max_new_tokens <= 0 or batch_size <= 0:
+        raise DataError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}")
+    output = Path(output)
+    if output.exists() and not (resume or overwrite):
+        raise FileExistsError(f"{output} exists: pass --resume to continue it, --overwrite to replace it, "
+                              "or choose another --output")
+    done = _done_ids(output) if output.exists() and resume else set()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume:
+        output.write_text("")
+    eos = tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    encoded = encode_prompts(tokenizer, prompts, template)
+    todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(encoded[i]))
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit="prompt",
+               disable=not progress, dynamic_ncols=True)
+    with output.open("a", encoding="utf-8") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            for i, (response, finished) in zip(chunk, greedy_batch(model, [encoded[i] for i in chunk],
+                                                                   max_new_tokens, pad_id, eos_ids)):
+                f.write(json.dumps({"id": i, "prompt": prompts[i], "prompt_ids": encoded[i], "response_ids": response,
+                                    "response": tokenizer.decode(response, skip_special_tokens=True),
+                                    "finished": finished}, ensure_ascii=False) + "\n")
+            f.flush()  # a killed run keeps every finished batch
+            bar.update(len(chunk))
+    bar.close()
+    model.train(was_training)
+    return output
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """The records of a distillation file, in prompt order; a malformed one is a one-line DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"distillation file {path} not found: create it with `peftlab distill`")
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = all(isinstance(record.get(k), list) and all(isinstance(t, int) for t in record[k])
+                     for k in ("prompt_ids", "response_ids")) and record["prompt_ids"]
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise DataError(f"{path} line {number} is not a distillation record with prompt_ids and response_ids "
+                            "(lists of token ids): regenerate it with `peftlab distill`")
+        pairs.append(record)
+    if not pairs:
+        raise DataError(f"distillation file {path} is empty: run `peftlab distill` first")
+    return sorted(pairs, key=lambda r: r.get("id", 0))
