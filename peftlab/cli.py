@@ -383,14 +383,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from peftlab.distill import distill, read_prompts
+    from peftlab.distill import distill, read_prompts, refuse_existing
     from peftlab.models import load_model, load_tokenizer
 
     prompts = read_prompts(args.prompts, limit=args.limit)
     output = Path(args.output)
-    if output.exists() and not (args.resume or args.overwrite):  # before the model is loaded
-        raise CliError(f"{output} exists: pass --resume to continue it, --overwrite to replace it, "
-                       "or choose another --output")
+    refuse_existing(output, args.resume, args.overwrite)  # before the model is loaded
     model, tokenizer = load_model(args.model), load_tokenizer(args.model, padding_side="left")
     distill(model, tokenizer, prompts, output, template=None if args.template == "none" else args.template,
             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, resume=args.resume,

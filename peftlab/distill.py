@@ -59,6 +59,13 @@ def encode_prompts(tokenizer, prompts: Sequence[str], template: str | None) -> l
             for p in prompts]
 
 
+def refuse_existing(output: Path, resume: bool, overwrite: bool) -> None:
+    """An existing distillation file is continued only with ``resume`` and replaced only with ``overwrite``."""
+    if Path(output).exists() and not (resume or overwrite):
+        raise FileExistsError(f"{output} exists: pass --resume to continue it, --overwrite to replace it, "
+                              "or choose another --output")
+
+
 def _done_ids(path: Path) -> set[int]:
     done = set()
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -86,8 +93,8 @@ def greedy_batch(model, prompt_ids: list[list[int]], max_new_tokens: int, pad_id
                          pad_token_id=pad_id, eos_token_id=sorted(eos_ids))
     responses = []
     for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
-        responses.append((row[:end], end < len(row) or (bool(row) and row[-1] in eos_ids)))
+        response = row[:next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))]
+        responses.append((response, bool(response) and response[-1] in eos_ids))
     return responses
 
 
@@ -100,9 +107,7 @@ def distill(model, tokenizer, prompts: Sequence[str], output: str | Path, templa
     if max_new_tokens <= 0 or batch_size <= 0:
         raise DataError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}")
     output = Path(output)
-    if output.exists() and not (resume or overwrite):
-        raise FileExistsError(f"{output} exists: pass --resume to continue it, --overwrite to replace it, "
-                              "or choose another --output")
+    refuse_existing(output, resume, overwrite)
     done = _done_ids(output) if output.exists() and resume else set()
     output.parent.mkdir(parents=True, exist_ok=True)
     if overwrite and not resume:

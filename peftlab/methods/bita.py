@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
 
 from peftlab.adapters import AdapterConfigError
 from peftlab.train import Objective
@@ -132,11 +133,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out.transpose(1, 2).contiguous(), None
 
 
+AttentionInterface.register(ATTENTION, _attention)  # once; a model uses it only inside the context below
+
+
 @contextmanager
 def _attention_implementation(model):
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTENTION, _attention)
     config = model.config
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION
