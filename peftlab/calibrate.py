@@ -119,7 +119,6 @@ class Predictive:
 def predict_probs(model: nn.Module, data: list[dict], pad_id: int, predictive: Predictive,
                   members: tuple[str, ...] = (), batch_size: int = 16, progress=None) -> torch.Tensor:
     """(n, C) predictive probabilities; ``members`` are adapter names averaged as an ensemble."""
-    from peftlab.adapters.blob import posterior_mean, sampled_copies
     from peftlab.inject import active_adapters
 
     if predictive.average not in ("probs", "logits"):
@@ -143,12 +142,7 @@ def predict_probs(model: nn.Module, data: list[dict], pad_id: int, predictive: P
                 with ExitStack() as stack:
                     if member is not None:
                         stack.enter_context(active_adapters(model, [member]))
-                    if predictive.samples:
-                        stack.enter_context(sampled_copies(model, copies))
-                        stack.enter_context(_dropout_on(model))
-                        stack.enter_context(tiled_above_adapters(model, copies))
-                    else:
-                        stack.enter_context(posterior_mean(model))
+                    stack.enter_context(passes(model, predictive.samples))
                     z = label_logits(model, batch)  # (copies × batch, C), copy-major
                     logits.append(z.view(copies, len(chunk), -1).double())
             logits = torch.cat(logits)  # (members × copies, batch, C)
@@ -162,6 +156,37 @@ def predict_probs(model: nn.Module, data: list[dict], pad_id: int, predictive: P
     finally:
         model.train(was_training)
     return out
+
+
+@contextmanager
+def passes(model: nn.Module, samples: int):
+    """Context: 0 samples, each forward is one deterministic pass (BLoB at its mean, dropout off);
+    N ≥ 1, each forward runs its batch as N tiled stochastic copies (BLoB noise and adapter dropout on)."""
+    from peftlab.adapters.blob import posterior_mean, sampled_copies
+
+    with ExitStack() as stack:
+        if samples:
+            stack.enter_context(sampled_copies(model, samples))
+            stack.enter_context(_dropout_on(model))
+            stack.enter_context(tiled_above_adapters(model, samples))
+        else:
+            stack.enter_context(posterior_mean(model))
+        yield model
+
+
+@torch.no_grad()
+def sampled_probs(model: nn.Module, features: dict, pad_id: int, samples: int) -> torch.Tensor:
+    """(max(1, samples), C) class probabilities of one example (``classification_data``), one row per
+    sampled pass: the spread that ``predict_probs`` averages away."""
+    was_training = model.training
+    model.eval()
+    try:
+        batch = {k: v.to(next(model.parameters()).device)
+                 for k, v in collate_classification([features], pad_id).items()}
+        with passes(model, samples):
+            return torch.softmax(label_logits(model, batch).double(), dim=-1).cpu()
+    finally:
+        model.train(was_training)
 
 
 @contextmanager
@@ -271,7 +296,7 @@ class Budget:
     warmup_ratio: float = 0.06   # the paper's linear warmup, then linear decay to 0
     rank: int = 8
     alpha: float = 16.0
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj")  # module names, or one regex string
     kl_lr: float = 0.01
     kl_cycle: int | None = None  # None: the paper's cycles per run (see ``default_kl_cycle``)
 
@@ -375,8 +400,10 @@ def run_study(model: nn.Module, tokenizer, study: Study, data_dir: str | Path, o
         for method in study.methods:
             runs += _run_one(model, tokenizer, known[method], seed, study, train_data, eval_data, labels,
                              output / method / f"seed{seed}", progress)
+    targets = study.budget.targets  # a regex string stays one string in the record
+    budget = vars(study.budget) | {"targets": targets if isinstance(targets, str) else list(targets)}
     summary = {"task": task.name, "n_train": len(train_data), "n_eval": len(eval_data), "seeds": study.seeds,
-               "budget": vars(study.budget) | {"targets": list(study.budget.targets)}, "samples": study.samples,
+               "budget": budget, "samples": study.samples,
                "members": study.members, "runs": runs, "table": aggregate(runs)}
     (output / "calibration.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_summary(summary, output / "calibration.png")

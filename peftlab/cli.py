@@ -334,18 +334,9 @@ def add_generation_flags(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
 
 
-def _parse_tree(text: str) -> tuple[int, ...]:
-    try:
-        widths = tuple(int(w) for w in text.split(","))
-    except ValueError:
-        widths = ()
-    if not widths or min(widths) < 1:
-        raise CliError(f"--tree {text!r} is not a list of positive widths: use e.g. 1,1,1 (a chain) or 5,4,3")
-    return widths
-
-
 def cmd_generate(args) -> int:
     from peftlab.generate import generate
+    from peftlab.methods.bita import parse_tree
 
     prompts = list(args.prompt or [])
     if args.prompts:
@@ -356,7 +347,7 @@ def cmd_generate(args) -> int:
     if args.accelerate and not args.adapter:
         raise CliError(f"--accelerate {args.accelerate} needs the trained tokens: pass --adapter RUN "
                        "(a run of `peftlab train --method bita`)")
-    tree = _parse_tree(args.tree) if args.tree else None
+    tree = parse_tree(args.tree)
     model, tokenizer = _load_model_and_adapter(args)
     template = None if args.template == "none" else args.template
     if args.accelerate:
@@ -670,6 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_arguments(p)
     p.set_defaults(run=calibrate.run)
 
+    p = sub.add_parser("ui", help="a local web page: side-by-side chat, runs, uncertainty, BiTA speed",
+                       description="Serve a web page (on 127.0.0.1) to try the base model and adapters side by side.")
+    from peftlab import ui
+
+    ui.add_arguments(p)
+    p.set_defaults(run=ui.run)
+
     p = sub.add_parser("info", help="list methods; describe a model or an adapter file")
     p.add_argument("--model", help="describe this model's adaptable layers")
     p.add_argument("--adapter", help="describe this adapter directory")
@@ -683,10 +681,12 @@ def main(argv: list[str] | None = None) -> int:
     from peftlab.io import AdapterFileError
     from peftlab.models import ModelLoadError
     from peftlab.train import TrainConfigError
+    from peftlab.ui import UiError
+    from peftlab.workbench import WorkbenchError
 
     args = build_parser().parse_args(argv)
     expected = (CliError, DataError, AdapterConfigError, AdapterFileError, TrainConfigError, ModelLoadError,
-                FileExistsError)
+                FileExistsError, UiError, WorkbenchError)
     try:
         return args.run(args)
     except expected as err:

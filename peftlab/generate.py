@@ -5,15 +5,22 @@ position and new tokens append cleanly), greedy by default, and returns only the
 ``stream`` yields text pieces as they are decoded, for chat. Prompts are formatted with the same
 templates as training (``peftlab.data``), so a model is asked exactly as it was taught. Models whose
 forward is changed by a model-level method (Bitune's two prompt passes) need nothing here: the
-method sits inside the model's own forward, which ``model.generate`` calls.
+method sits inside the model's own forward, which ``model.generate`` calls. ``step_tokens`` hands
+out one token per request and computes nothing in between, so several models can take turns (the
+web page's side-by-side columns) and each one's compute time is measured alone.
+
+BLoB adapters decode at their posterior mean (the N = 0 model, the one merging writes), so greedy
+generation is deterministic; sampled predictions are ``peftlab.calibrate``'s job.
 """
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Iterator, Sequence
 
 import torch
 
+from peftlab.adapters.blob import posterior_mean
 from peftlab.data import Example, get_template
 
 
@@ -65,18 +72,19 @@ def generate(model, tokenizer, prompts: Sequence[str], template: str | None = No
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
-        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        for row, i in enumerate(chunk):
-            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
-        bar.update(len(chunk))
+    with posterior_mean(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):  # left padding
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]):] = 1
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            for row, i in enumerate(chunk):
+                outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+            bar.update(len(chunk))
     bar.close()
     model.train(was_training)
     return outputs
@@ -107,16 +115,20 @@ def generate_accelerated(model, tokenizer, prompts: Sequence[str], template: str
     return runs
 
 
+def _encode_one(model, tokenizer, prompt: str, template: str | None, add_special_tokens: bool) -> dict:
+    if template is not None:
+        (prompt,), add_special_tokens = _render(tokenizer, [prompt], template)
+    device = next(model.parameters()).device
+    return tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
+
+
 def stream(model, tokenizer, prompt: str, template: str | None = None, max_new_tokens: int = 256,
            temperature: float = 0.0, top_p: float = 1.0, add_special_tokens: bool = False) -> Iterator[str]:
     """Yield the continuation of ``prompt`` piece by piece while it is generated."""
     from transformers import TextIteratorStreamer
 
-    if template is not None:
-        (prompt,), add_special_tokens = _render(tokenizer, [prompt], template)
     kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
-    device = next(model.parameters()).device
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
+    inputs = _encode_one(model, tokenizer, prompt, template, add_special_tokens)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 
@@ -128,9 +140,83 @@ def stream(model, tokenizer, prompt: str, template: str | None = None, max_new_t
             errors.append(err)
             streamer.end()
 
+    with posterior_mean(model):
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+class _Cancelled(Exception):
+    """Raised inside a paused generation when its consumer stops asking for tokens."""
+
+
+class _Baton:
+    """A streamer for ``model.generate`` that hands over each new token and then waits for permission
+    to compute the next one (``generate`` puts the prompt first, then one token per step)."""
+
+    def __init__(self):
+        self.tokens: queue.Queue = queue.Queue()
+        self.turn = threading.Semaphore(0)
+        self.cancelled = False
+        self.prompt_seen = False
+
+    def wait_turn(self) -> None:
+        self.turn.acquire()
+        if self.cancelled:
+            raise _Cancelled
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.tokens.put(int(value.reshape(-1)[0]))
+        self.wait_turn()
+
+    def end(self) -> None:
+        self.tokens.put(None)
+
+
+def step_tokens(model, tokenizer, prompt: str, template: str | None = None, max_new_tokens: int = 256,
+                temperature: float = 0.0, top_p: float = 1.0, add_special_tokens: bool = False) -> Iterator[int]:
+    """Yield the new token ids of ``prompt``'s continuation, exactly those ``generate`` produces, computing
+    each one only when it is asked for: between two ``next`` calls the model does no work, so the time a
+    ``next`` takes is this model's time for that token (the first one includes the prompt's prefill)."""
+    kwargs = _generation_kwargs(tokenizer, max_new_tokens, temperature, top_p)
+    inputs = _encode_one(model, tokenizer, prompt, template, add_special_tokens)
+    baton = _Baton()
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            baton.wait_turn()  # nothing is computed before the first request
+            with torch.no_grad():
+                model.generate(**inputs, streamer=baton, **kwargs)
+        except _Cancelled:
+            pass
+        except BaseException as err:  # surface the error in the consumer's thread
+            errors.append(err)
+        finally:
+            baton.end()
+
+    was_training = model.training
+    model.eval()
     thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield from streamer
-    thread.join()
+    with posterior_mean(model):
+        thread.start()
+        try:
+            while True:
+                baton.turn.release()
+                token = baton.tokens.get()
+                if token is None:
+                    break
+                yield token
+        finally:  # also when the consumer closes the generator early: stop the paused generation
+            baton.cancelled = True
+            baton.turn.release()
+            thread.join()
+            model.train(was_training)
     if errors:
         raise errors[0]

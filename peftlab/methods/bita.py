@@ -59,6 +59,19 @@ class BitaError(AdapterConfigError):
     """A model, file or setting BiTA cannot work with; the message names the fix."""
 
 
+def parse_tree(text: str | None) -> tuple[int, ...] | None:
+    """Draft-tree widths from text: "5,4,3" -> (5, 4, 3); empty -> None (the hardware's default)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise BitaError(f"draft tree {text!r} is not a list of positive widths: use e.g. 1,1,1 (a chain) or 5,4,3")
+    return widths
+
+
 @dataclass(frozen=True)
 class BitaConfig:
     prompt_tokens: int = 16        # P: prefix key/value vectors per layer (one per query head: the paper's form)
