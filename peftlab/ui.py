@@ -203,6 +203,7 @@ def build(bench: Workbench):
             blank = ["" for _ in range(MAX_COLUMNS)]
             try:
                 labels = bench.labels
+                yield ["Generating…", *blank, *blank]
                 for columns in bench.chat(text, labels, _template(template_name), int(max_new),
                                           0.0 if is_greedy else float(temp), float(nucleus)):
                     texts, lines = list(blank), list(blank)
@@ -216,10 +217,9 @@ def build(bench: Workbench):
             except Exception as err:
                 yield [_error(err), *blank, *blank]
 
-        send.click(on_send, [prompt, template, max_tokens, greedy, temperature, top_p],
-                   [chat_status, *answers, *stats])
-        prompt.submit(on_send, [prompt, template, max_tokens, greedy, temperature, top_p],
-                      [chat_status, *answers, *stats])
+        for trigger in (send.click, prompt.submit):  # the growing answers are the progress display
+            trigger(on_send, [prompt, template, max_tokens, greedy, temperature, top_p],
+                    [chat_status, *answers, *stats], show_progress="hidden")
 
         def on_show(path):
             empty = [None, None, None, None, []]  # loss plot, evaluation plot, table, config, gallery
@@ -283,6 +283,9 @@ def build(bench: Workbench):
         score.click(on_score, [choice_model, question, options, samples], [choice_status, choice_plot, choice_table])
 
         def on_race(label, text, max_new, tree_text, template_name):
+            # A static message instead of Gradio's ticking progress timer: the browser redrawing it
+            # competes for the CPU and, on a small machine, slows the timed decoding (measured 2×).
+            yield ["Decoding plainly, then with BiTA (timed; the page stays still meanwhile)…", "", "", None]
             try:
                 if not label:
                     raise WorkbenchError("no BiTA adapter is loaded: start `peftlab ui --adapter RUN` with a run of "
@@ -292,7 +295,8 @@ def build(bench: Workbench):
                 tree = parse_tree(tree_text)
                 result = bench.bita_race(label, text, _template(template_name), int(max_new), tree)
             except Exception as err:
-                return [_error(err), "", "", None]
+                yield [_error(err), "", "", None]
+                return
             d = result.decoded
             verdict = "identical to plain greedy ✓" if result.identical else "DIFFERENT from plain greedy ✗"
             summary = (f"{verdict} · {len(d.tokens)} tokens in {d.forwards} forward passes "
@@ -300,10 +304,10 @@ def build(bench: Workbench):
                        f"plain {result.plain_seconds:.2f} s, BiTA {d.seconds:.2f} s: "
                        f"**{result.speedup:.2f}× speed-up**")
             pieces = [(piece, "draft" if was_drafted else None) for piece, was_drafted in result.pieces]
-            return [summary, result.plain_text, result.accelerated_text, pieces]
+            yield [summary, result.plain_text, result.accelerated_text, pieces]
 
         race.click(on_race, [bita_model, bita_prompt, bita_tokens, bita_tree, template],
-                   [bita_status, plain_answer, fast_answer, drafted])
+                   [bita_status, plain_answer, fast_answer, drafted], show_progress="hidden")
     return page
 
 

@@ -428,12 +428,13 @@ def evaluation_figure(rows: list[dict]):
     import matplotlib.pyplot as plt
 
     metrics = list(dict.fromkeys(r["metric"] for r in rows)) or ["(none)"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(min(3.2 * len(metrics), 14), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.5, min(3.2 * len(metrics), 14)), 3.2), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         chosen = [r for r in rows if r["metric"] == metric]
         names = [r["name"] for r in chosen]
-        bars = ax.barh(range(len(chosen)), [r["value"] for r in chosen],
-                       xerr=[r["std"] or 0.0 for r in chosen], color="#4C72B0", capsize=3)
+        spread = [r["std"] or 0.0 for r in chosen]
+        bars = ax.barh(range(len(chosen)), [r["value"] for r in chosen], xerr=spread if any(spread) else None,
+                       color="#4C72B0", capsize=3)
         ax.bar_label(bars, fmt="%.3g", padding=2, fontsize=8)
         ax.margins(x=0.2)
         ax.set_yticks(range(len(chosen)), names, fontsize=8)
