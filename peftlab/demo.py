@@ -98,6 +98,7 @@ def main(argv=None) -> int:
           f"{minutes:.1f} min")
     print(f"try it: peftlab generate --adapter {output} --prompt \"Mia has 12 apples. She buys 7 more apples. "
           f"How many apples does Mia have now?\"")
+    print(f"or side by side with the base model in the browser: peftlab ui --adapter {output}  (or make ui)")
     return 0
 
 

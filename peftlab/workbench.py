@@ -114,21 +114,22 @@ def adapter_methods(model) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def _given_path(text: str | Path) -> Path:
+def _run_directory(text: str | Path, written_by: str) -> Path:
+    """An existing directory at ``text``, else a WorkbenchError naming what to give instead."""
     if not str(text).strip():
         raise WorkbenchError("no run directory given: type the path of a directory written by `peftlab train`")
-    return Path(str(text).strip()).expanduser()
+    path = Path(str(text).strip()).expanduser()
+    if not path.exists():
+        raise WorkbenchError(f"run directory {path} not found: give a directory written by {written_by}")
+    if not path.is_dir():
+        raise WorkbenchError(f"{path} is a file, not a run directory: give the directory that holds it")
+    return path
 
 
 def check_adapter_dir(path: str | Path) -> Path:
     """``path`` if it is a directory holding a peftlab adapter (adapter.json) or a PEFT one
     (adapter_config.json); else a WorkbenchError that says what to give instead."""
-    path = _given_path(path)
-    if not path.exists():
-        raise WorkbenchError(f"run directory {path} not found: give a directory written by `peftlab train` "
-                             "(it holds adapter.json and adapter.safetensors)")
-    if not path.is_dir():
-        raise WorkbenchError(f"{path} is a file, not a run directory: give the directory that holds adapter.json")
+    path = _run_directory(path, "`peftlab train` (it holds adapter.json and adapter.safetensors)")
     if not (path / CONFIG_FILE).is_file() and not (path / PEFT_CONFIG_FILE).is_file():
         raise WorkbenchError(f"{path} holds no adapter (no {CONFIG_FILE} or {PEFT_CONFIG_FILE}): give a run "
                              "directory written by `peftlab train`, or a PEFT LoRA directory")
@@ -351,12 +352,7 @@ def summarize_run(path: str | Path, base_fingerprint: str | None = None) -> RunS
     """Read a run directory (``peftlab train``, ``eval``, ``calibrate`` or the demo) for display."""
     from peftlab.io import AdapterFileError, read_adapter_config
 
-    path = _given_path(path)
-    if not path.exists():
-        raise WorkbenchError(f"run directory {path} not found: give a directory written by `peftlab train`, "
-                             "`peftlab eval` or `peftlab calibrate`")
-    if not path.is_dir():
-        raise WorkbenchError(f"{path} is a file, not a run directory: give the directory that holds it")
+    path = _run_directory(path, "`peftlab train`, `peftlab eval` or `peftlab calibrate`")
     known = ("run.json", CONFIG_FILE, PEFT_CONFIG_FILE, "metrics.jsonl") + EVAL_FILES
     if not any((path / name).is_file() for name in known):
         raise WorkbenchError(f"{path} is not a peftlab run: it holds none of {', '.join(known)}")

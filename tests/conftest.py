@@ -24,6 +24,15 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """The tiny model and tokenizer saved as a local checkpoint, for commands that take a model path."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    tiny_model(seed=0).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tokens():
     return torch.randint(4, 262, (2, 12), generator=torch.Generator().manual_seed(1))

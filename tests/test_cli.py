@@ -11,14 +11,6 @@ from peftlab.models import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_model(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def run_dir(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
     code = main(["train", "--model", str(model_dir), "--data", "builtin:arithmetic:40", "--template", "plain",

@@ -14,19 +14,12 @@ from peftlab.generate import generate, step_tokens
 from peftlab.inject import add_adapter
 from peftlab.io import AdapterFileError, save_adapter
 from peftlab.methods.bita import BitaConfig, add_bita
-from peftlab.models import tiny_model, tiny_tokenizer
+from peftlab.methods.bitune import add_bitune
+from peftlab.models import tiny_model
 from peftlab.workbench import ClassProbabilities, Workbench, WorkbenchError, evaluation_figure, loss_figure, \
     probabilities_figure, summarize_run
 
 PROMPTS = ["Mia has 3 apples.", "Tom reads 12 pages a day; how many in a week?"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_model(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def _saved(model_dir, out, build):
@@ -57,14 +50,18 @@ def adapters(model_dir, tmp_path_factory):
     def bita(model):
         add_bita(model, BitaConfig(prompt_tokens=4, mask_tokens=3), seed=3)
 
+    def bitune(model):  # a model-level method: its two prompt passes live inside the forward
+        add_bitune(model, LoraConfig(r=4), seed=4)
+        randomize_adapters(model, seed=5, std=0.2)
+
     return {name: _saved(model_dir, root / name, build) for name, build in
-            (("lora", lora), ("blob", blob), ("bita", bita))}
+            (("lora", lora), ("blob", blob), ("bita", bita), ("bitune", bitune))}
 
 
 @pytest.fixture(scope="module")
 def bench(model_dir, adapters):
     bench = Workbench(str(model_dir))
-    for name in ("lora", "blob", "bita"):
+    for name in ("lora", "blob", "bita", "bitune"):
         bench.add(adapters[name], label=name)
     return bench
 
@@ -92,14 +89,14 @@ def test_step_tokens_is_generate_and_computes_only_on_request(bench):
 def test_chat_columns_take_turns_and_equal_generate(bench):
     rounds = list(bench.chat(PROMPTS[1], template="chat", max_new_tokens=10))
     first = rounds[0]
-    assert [c.label for c in first] == ["base", "lora", "blob", "bita"]
+    assert [c.label for c in first] == ["base", "lora", "blob", "bita", "bitune"]
     final = rounds[-1]
     for column in final:
         model = bench.entry(column.label).model
         assert column.error is None and column.done
         assert column.text == generate(model, bench.tokenizer, [PROMPTS[1]], template="chat", max_new_tokens=10)[0]
         assert column.tokens_per_second > 0 and len(column.tokens) <= 10
-    assert final[0].text != final[1].text  # the LoRA column really is another model
+    assert final[0].text != final[1].text and final[0].text != final[4].text  # other models, other answers
     # turns: every column grows by at most one token per round
     lengths = [[len(c.tokens) for c in columns] for columns in bench.chat(PROMPTS[1], max_new_tokens=4)]
     assert all(max(row) - min(row) <= 1 for row in lengths[:-1])
@@ -175,7 +172,7 @@ def test_add_refuses_missing_pickled_and_foreign_adapters(bench, tmp_path):
     save_adapter(other, foreign)
     with pytest.raises(AdapterFileError, match="trained on base model 'tiny-llama-seed1'"):
         bench.add(foreign)
-    assert bench.labels == ["base", "lora", "blob", "bita"]  # nothing half-loaded
+    assert bench.labels == ["base", "lora", "blob", "bita", "bitune"]  # nothing half-loaded
 
 
 def test_run_summary_reads_a_training_run(model_dir, tmp_path):
