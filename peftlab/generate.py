@@ -104,12 +104,9 @@ def generate_accelerated(model, tokenizer, prompts: Sequence[str], template: str
         raise BitaError("BiTA decoding is greedy only (its drafts are verified against the argmax): "
                         "use temperature 0 or drop --accelerate")
     _generation_kwargs(tokenizer, max_new_tokens, temperature, 1.0)  # validates max_new_tokens
-    if template is not None:
-        prompts, add_special_tokens = _render(tokenizer, prompts, template)
-    device = next(model.parameters()).device
     runs = []
     for prompt in tqdm(prompts, desc="generate (bita)", unit="ex", disable=not progress, dynamic_ncols=True):
-        ids = tokenizer(prompt, add_special_tokens=add_special_tokens, return_tensors="pt")["input_ids"].to(device)
+        ids = _encode_one(model, tokenizer, prompt, template, add_special_tokens)["input_ids"]
         runs.append(bita_generate(model, ids, max_new_tokens=max_new_tokens, tree=tree,
                                   eos_token_id=tokenizer.eos_token_id))
     return runs

@@ -74,13 +74,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file. Pickled weights are never read: unpickling can run code."""
-    folder = path.parent
-    pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-    if not path.is_file() and pickled:
-        raise AdapterFileError(f"{folder} holds pickled weights ({', '.join(pickled)}) and no {path.name}: "
-                               "peftlab loads safetensors only (unpickling can run code); re-save the adapter as "
-                               "safetensors (PEFT: save_pretrained(..., safe_serialization=True))")
     if not path.is_file():
+        folder = path.parent
+        pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+        if pickled:
+            raise AdapterFileError(f"{folder} holds pickled weights ({', '.join(pickled)}) and no {path.name}: "
+                                   "peftlab loads safetensors only (unpickling can run code); re-save the adapter "
+                                   "as safetensors (PEFT: save_pretrained(..., safe_serialization=True))")
         raise AdapterFileError(f"{path} not found: the adapter directory is incomplete, re-save the adapter")
     try:
         return load_file(str(path))

@@ -85,7 +85,6 @@ class BitaRace:
     """The same prompt decoded plainly and with BiTA."""
     plain_text: str
     plain_seconds: float
-    plain_tokens: int
     accelerated_text: str
     decoded: object                    # methods.bita.Decoded
     pieces: list[tuple[str, bool]]     # (text of one token, whether it was an accepted draft)
@@ -249,11 +248,10 @@ class Workbench:
         start = time.perf_counter()
         plain = generate(entry.model, self.tokenizer, [prompt], template=template, max_new_tokens=max_new_tokens)[0]
         plain_seconds = time.perf_counter() - start
-        plain_tokens = len(self.tokenizer(plain, add_special_tokens=False)["input_ids"])
         decoded = generate_accelerated(entry.model, self.tokenizer, [prompt], template, max_new_tokens,
                                        tree=tree)[0]
         text = self.tokenizer.decode(decoded.tokens, skip_special_tokens=True)
-        return BitaRace(plain, plain_seconds, plain_tokens, text, decoded, self._pieces(decoded))
+        return BitaRace(plain, plain_seconds, text, decoded, self._pieces(decoded))
 
     def _pieces(self, decoded) -> list[tuple[str, bool]]:
         """Each token's text (the growth of the decoded prefix, so multi-byte characters stay whole)."""
