@@ -645,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(run=run)
 
     p = sub.add_parser("compare", help="train several methods on one budget; one table and plot",
-                       description="Train several methods on the same data, budget and seed and compare them.")
+                       description="Train several methods on the same data, budget and seeds and compare them.")
     from peftlab.compare import add_arguments
 
     add_arguments(p)
@@ -677,6 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from peftlab.adapters import AdapterConfigError
+    from peftlab.compare import CompareError
     from peftlab.data import DataError
     from peftlab.io import AdapterFileError
     from peftlab.models import ModelLoadError
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     expected = (CliError, DataError, AdapterConfigError, AdapterFileError, TrainConfigError, ModelLoadError,
-                FileExistsError, UiError, WorkbenchError)
+                FileExistsError, UiError, WorkbenchError, CompareError)
     try:
         return args.run(args)
     except expected as err:

@@ -1,18 +1,21 @@
-"""``peftlab compare``: several adapter methods on the same data, budget and seed, in one table.
+"""``peftlab compare``: several adapter methods on the same data, budget and seeds, in one table.
 
     peftlab compare --methods lora,ether,etherplus,oft,vera,bottleneck         # built-in arithmetic task
+    peftlab compare --seeds 0,1,2 --lr oft=1e-2,vera=5e-3                     # mean ± std over seeds
 
-Each method runs in a fresh process, so its peak memory is its own: add the adapter (the method's
-defaults; ``--sibo-lambda`` boosts them all), train ``--steps`` steps with the shared training loop,
-then answer the held-out problems greedily and score exact match. The parent writes
-``compare.json`` and ``compare.png`` into ``--output`` and prints:
+Each (method, seed) runs in a fresh process, so its peak memory is its own: add the adapter (the
+method's defaults; ``--sibo-lambda`` boosts them all), train ``--steps`` steps with the shared
+training loop, then answer the held-out problems greedily and score exact match. The seed sets the
+adapter's initialisation and the data order; the problems come from ``--data-seed``, so every method
+and seed is scored on the same held-out set and differences between methods are paired. The parent
+writes ``compare.json`` (every run) and ``compare.png`` into ``--output`` and prints, per method:
 
-    method | trainable params | step time | peak memory | final loss | accuracy
+    method | trainable params | lr | step time | peak memory | final loss | accuracy (mean ± std over seeds)
 
 Learning rates: a method's update scale differs (VeRA's vectors want about 10× LoRA's rate, the
-paper's rule of thumb), so each method gets its own rate from ``LEARNING_RATES`` unless ``--lr``
-sets one for all. Peak memory is the process's peak resident set on CPU (model included) and
-``torch.cuda.max_memory_allocated`` on a GPU.
+paper's rule of thumb), so each method gets its own rate from ``LEARNING_RATES``; ``--lr 1e-3`` sets
+one for all and ``--lr oft=1e-2,vera=5e-3`` overrides some. Peak memory is the process's peak
+resident set on CPU (model included) and ``torch.cuda.max_memory_allocated`` on a GPU.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -43,17 +47,62 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: %(default)s)")
     p.add_argument("--train", type=int, default=480, help="training problems (default: %(default)s)")
     p.add_argument("--test", type=int, default=50, help="held-out problems (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=None, help="one learning rate for all methods (default: per method)")
+    p.add_argument("--lr", default=None, help="a learning rate for all methods (1e-3), or some methods' rates "
+                                               "(oft=1e-2,vera=5e-3); the others keep their default rate")
     p.add_argument("--sibo-lambda", type=float, default=0.0, help="boost every method with SIBO (default 0: off)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds: adapter init and data order "
+                                                 "(default: %(default)s)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the generated problems, the same for every "
+                                                            "run (default: %(default)s)")
     p.add_argument("--output", default="runs/compare", help="directory for the runs, table and plot")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one method in this process
 
 
+class CompareError(ValueError):
+    """A bad ``peftlab compare`` setting; the message names the fix."""
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise CompareError(f"--seeds {text!r} is not a list of integers: give e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise CompareError(f"--seeds {text!r} needs one or more distinct integers, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def learning_rates(text: str | None, methods: list[str]) -> dict[str, float]:
+    """The rate per method: the defaults, overridden by ``--lr`` (one rate, or method=rate pairs)."""
+    rates = {m: LEARNING_RATES.get(m, 1e-3) for m in methods}
+    if not text:
+        return rates
+    if "=" not in text:
+        return {m: _rate(text, text) for m in methods}
+    for pair in text.split(","):
+        method, _, value = (part.strip() for part in pair.partition("="))
+        if method not in rates:
+            raise CompareError(f"--lr names {method!r}, which is not in --methods {','.join(methods)}: "
+                               "give rates for the methods being compared")
+        rates[method] = _rate(value, text)
+    return rates
+
+
+def _rate(value: str, text: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise CompareError(f"--lr {text!r} is not a rate: give e.g. --lr 1e-3 or --lr oft=1e-2,vera=5e-3") from None
+    if not rate > 0:
+        raise CompareError(f"learning rate {rate} in --lr {text!r} must be positive: give e.g. --lr 1e-3")
+    return rate
+
+
 def run_method(method: str, args, output: Path) -> dict:
-    """Train and score one method (or ``base``: no adapter, scoring only); the figures as a dict."""
+    """Train and score one method (or ``base``: no adapter, scoring only) with ``args.seeds`` (one
+    seed in a worker); the figures as a dict."""
     from peftlab.adapters import method_class
     from peftlab.data import arithmetic_splits, tokenize_examples
     from peftlab.evaluation.arithmetic import score_generations
@@ -61,20 +110,21 @@ def run_method(method: str, args, output: Path) -> dict:
     from peftlab.models import load_model, load_tokenizer
     from peftlab.train import TrainConfig, train
 
-    torch.manual_seed(args.seed)
-    train_examples, test_examples = arithmetic_splits(args.train, args.test, seed=args.seed)
+    seed = int(args.seeds)
+    torch.manual_seed(seed)
+    train_examples, test_examples = arithmetic_splits(args.train, args.test, seed=args.data_seed)
     tokenizer = load_tokenizer(args.model, padding_side="left")
     model = load_model(args.model)
-    result = {"method": method, "trainable": 0, "step_s": None, "final_loss": None, "lr": None}
+    result = {"method": method, "seed": seed, "trainable": 0, "step_s": None, "final_loss": None, "lr": None}
     output.mkdir(parents=True, exist_ok=True)
     if method != "base":
         config = method_class(method).config_class(sibo_lambda=args.sibo_lambda)
-        add_adapter(model, config, seed=args.seed)
-        lr = args.lr or LEARNING_RATES.get(method, 1e-3)
+        add_adapter(model, config, seed=seed)
+        lr = learning_rates(args.lr, [method])[method]
         data = tokenize_examples(train_examples, tokenizer, TEMPLATE, max_length=256)
         trained = train(model, data, TrainConfig(output_dir=str(output), max_steps=args.steps, batch_size=args.batch_size,
                                                  micro_batch_size=args.batch_size, lr=lr, warmup_steps=min(10, args.steps // 4),
-                                                 seed=args.seed, log_every=5),
+                                                 seed=seed, log_every=5),
                         tokenizer=tokenizer, run_info={"model": args.model, "adapter": config.to_dict(), "lr": lr})
         steady = sorted(trained.step_seconds[1:] or trained.step_seconds)  # the first step warms up caches
         result.update(trainable=trainable_summary(model)["trainable"], step_s=steady[len(steady) // 2],
@@ -95,28 +145,36 @@ def compare(args) -> list[dict]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:
         method_class(method)  # an unknown method fails before anything runs
+    seeds = parse_seeds(args.seeds)
+    rates = learning_rates(args.lr, methods)  # a bad --lr fails before anything runs
     output = Path(args.output)
     refuse_existing(output, args.overwrite)
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
-    results = []
-    for i, method in enumerate(["base"] + methods):
-        print(f"\n== [{i + 1}/{len(methods) + 1}] {method} ==", flush=True)
+    # greedy scoring without an adapter does not depend on the seed: the base model runs once
+    jobs = [("base", seeds[0])] + [(m, s) for m in methods for s in seeds]
+    runs = []
+    for i, (method, seed) in enumerate(jobs):
+        label = method if method == "base" or len(seeds) == 1 else f"{method}, seed {seed}"
+        print(f"\n== [{i + 1}/{len(jobs)}] {label} ==", flush=True)
         started = time.perf_counter()
-        command = [sys.executable, "-m", "peftlab.compare", "--worker", method] + _forward_flags(args)
-        proc = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        path = output / method / "result.json"
+        directory = output / method if method == "base" else output / method / f"seed{seed}"
+        flags = _forward_flags(args, seed, directory, None if method == "base" else rates[method])
+        proc = subprocess.run([sys.executable, "-m", "peftlab.compare", "--worker", method] + flags,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        path = directory / "result.json"
         if proc.returncode != 0 or not path.is_file():
-            print(f"{method} failed (exit {proc.returncode}); see the output above", file=sys.stderr)
-            results.append({"method": method, "error": f"exit {proc.returncode}"})
+            print(f"{label} failed (exit {proc.returncode}); see the output above", file=sys.stderr)
+            runs.append({"method": method, "seed": seed, "error": f"exit {proc.returncode}"})
             continue
         result = json.loads(path.read_text())
         result["minutes"] = round((time.perf_counter() - started) / 60, 2)
-        results.append(result)
+        runs.append(result)
+    results = summarize(runs, ["base"] + methods)
     # args also carries the CLI's dispatch function; keep the plain settings
-    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "overwrite", "run", "command")},
-               "results": results}
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "overwrite", "run", "command")}
+    summary = {"settings": {**settings, "learning_rates": rates}, "results": results, "runs": runs}
     (output / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("\n" + table(results))
     plot(results, output / "compare.png", args)
@@ -124,11 +182,39 @@ def compare(args) -> list[dict]:
     return results
 
 
-def _forward_flags(args) -> list[str]:
+def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
+    """One row per method: accuracy and final loss as mean ± sample std over its seeds (0 for one
+    seed), the median step time, the largest peak memory; a method with a failed seed is failed."""
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        failed = [r for r in mine if "error" in r]
+        if failed:
+            rows.append({"method": method, "error": failed[0]["error"] + f" (seed {failed[0]['seed']})"})
+            continue
+        accuracies = [r["accuracy"] for r in mine]
+        row = {"method": method, "seeds": [r["seed"] for r in mine], "accuracies": accuracies,
+               "accuracy": statistics.fmean(accuracies), "accuracy_std": _std(accuracies),
+               "trainable": mine[0]["trainable"], "lr": mine[0]["lr"],
+               "peak_memory_mb": max(r["peak_memory_mb"] for r in mine), "step_s": None, "final_loss": None}
+        if method != "base":
+            losses = [r["final_loss"] for r in mine]
+            row.update(step_s=statistics.median(r["step_s"] for r in mine), final_loss=statistics.fmean(losses),
+                       final_loss_std=_std(losses))
+        rows.append(row)
+    return rows
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _forward_flags(args, seed: int, directory: Path, lr: float | None) -> list[str]:
     flags = ["--model", args.model, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
              "--train", str(args.train), "--test", str(args.test), "--sibo-lambda", str(args.sibo_lambda),
-             "--max-new-tokens", str(args.max_new_tokens), "--seed", str(args.seed), "--output", args.output]
-    return flags + (["--lr", str(args.lr)] if args.lr else [])
+             "--max-new-tokens", str(args.max_new_tokens), "--seeds", str(seed), "--data-seed", str(args.data_seed),
+             "--output", str(directory)]
+    return flags + (["--lr", repr(lr)] if lr is not None else [])
 
 
 def table(results: list[dict]) -> str:
@@ -137,11 +223,16 @@ def table(results: list[dict]) -> str:
     for r in results:
         if "error" in r:
             rows.append(f"| {r['method']} | failed: {r['error']} | | | | | |")
-        elif r["method"] == "base":
-            rows.append(f"| base model (no adapter) | 0 | – | – | {r['peak_memory_mb']:.0f} | – | {r['accuracy']:.1%} |")
+            continue
+        accuracy = f"{r['accuracy']:.1%}"
+        if len(r["accuracies"]) > 1:  # mean ± std, then each seed's score
+            accuracy += f" ± {r['accuracy_std']:.1%} ({', '.join(f'{a:.0%}' for a in r['accuracies'])})"
+        if r["method"] == "base":
+            rows.append(f"| base model (no adapter) | 0 | – | – | {r['peak_memory_mb']:.0f} | – | {accuracy} |")
         else:
-            rows.append(f"| {r['method']} | {r['trainable']:,} | {r['lr']} | {r['step_s']:.2f} | "
-                        f"{r['peak_memory_mb']:.0f} | {r['final_loss']:.3f} | {r['accuracy']:.1%} |")
+            loss = f"{r['final_loss']:.3f}" + (f" ± {r['final_loss_std']:.3f}" if len(r["accuracies"]) > 1 else "")
+            rows.append(f"| {r['method']} | {r['trainable']:,} | {r['lr']:g} | {r['step_s']:.2f} | "
+                        f"{r['peak_memory_mb']:.0f} | {loss} | {accuracy} |")
     return "\n".join(rows)
 
 
@@ -153,13 +244,19 @@ def plot(results: list[dict], path: Path, args) -> None:
     ok = [r for r in results if "error" not in r]
     trained = [r for r in ok if r["method"] != "base"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=110)
-    axes[0].bar([r["method"] for r in ok], [100 * r["accuracy"] for r in ok], color="#3b7dd8")
+    names = [r["method"] for r in ok]
+    axes[0].bar(names, [100 * r["accuracy"] for r in ok], yerr=[100 * r["accuracy_std"] for r in ok],
+                color="#3b7dd8", capsize=3)
+    for name, r in zip(names, ok):  # one dot per seed
+        axes[0].scatter([name] * len(r["accuracies"]), [100 * a for a in r["accuracies"]], color="black", s=8, zorder=3)
+    seeds = len(parse_seeds(args.seeds))
     axes[0].set_ylabel("exact match (%)")
-    axes[0].set_title(f"accuracy ({args.test} held-out problems)")
+    axes[0].set_title(f"accuracy ({args.test} held-out problems" + (f", {seeds} seeds)" if seeds > 1 else ")"))
     axes[1].bar([r["method"] for r in trained], [r["step_s"] for r in trained], color="#d8893b")
     axes[1].set_ylabel("seconds")
     axes[1].set_title(f"training step (batch {args.batch_size})")
-    axes[2].scatter([r["trainable"] for r in trained], [100 * r["accuracy"] for r in trained], color="#3b7dd8")
+    axes[2].errorbar([r["trainable"] for r in trained], [100 * r["accuracy"] for r in trained],
+                     yerr=[100 * r["accuracy_std"] for r in trained], fmt="o", color="#3b7dd8", capsize=3)
     for r in trained:
         axes[2].annotate(r["method"], (r["trainable"], 100 * r["accuracy"]), fontsize=8)
     axes[2].set_xscale("log")
@@ -175,8 +272,8 @@ def plot(results: list[dict], path: Path, args) -> None:
 
 def run(args) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
-    if args.worker:
-        output = Path(args.output) / args.worker
+    if args.worker:  # the parent passes this run's own directory as --output
+        output = Path(args.output)
         result = run_method(args.worker, args, output)
         (output / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         return 0

@@ -219,13 +219,38 @@ def test_export_ether_as_lora(model_dir, tmp_path, capsys):
 def test_compare_runs_methods_side_by_side(model_dir, tmp_path, capsys):
     out = tmp_path / "compare"
     assert main(["compare", "--model", str(model_dir), "--methods", "lora,ether", "--steps", "2", "--train", "16",
-                 "--test", "2", "--batch-size", "4", "--max-new-tokens", "2", "--output", str(out)]) == 0
+                 "--test", "2", "--batch-size", "4", "--max-new-tokens", "2", "--seeds", "0,1",
+                 "--lr", "ether=5e-3", "--output", str(out)]) == 0
     summary = json.loads((out / "compare.json").read_text())
-    assert [r["method"] for r in summary["results"]] == ["base", "lora", "ether"]
-    assert summary["results"][1]["trainable"] == 16_384 and summary["results"][0]["trainable"] == 0
-    assert all(r["step_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in summary["results"][1:])
+    results = {r["method"]: r for r in summary["results"]}
+    assert list(results) == ["base", "lora", "ether"]
+    assert [(r["method"], r["seed"]) for r in summary["runs"]] == [("base", 0), ("lora", 0), ("lora", 1),
+                                                                   ("ether", 0), ("ether", 1)]
+    assert results["lora"]["trainable"] == 16_384 and results["base"]["trainable"] == 0
+    assert results["lora"]["lr"] == 1e-3 and results["ether"]["lr"] == 5e-3  # the override, the default kept
+    lora = [r for r in summary["runs"] if r["method"] == "lora"]
+    assert lora[0]["final_loss"] != lora[1]["final_loss"]  # the seed changes initialisation and data order
+    assert results["lora"]["final_loss"] == pytest.approx((lora[0]["final_loss"] + lora[1]["final_loss"]) / 2)
+    assert results["lora"]["accuracies"] == [r["accuracy"] for r in lora]
+    # every seed is scored on the same held-out problems
+    prompts = [[json.loads(line)["instruction"] for line in (out / "lora" / f"seed{s}" / "predictions.jsonl").open()]
+               for s in (0, 1)]
+    assert prompts[0] == prompts[1] and len(prompts[0]) == 2
+    assert all(r["step_s"] > 0 and 0 <= r["accuracy"] <= 1 for r in summary["runs"][1:])
     assert (out / "compare.png").is_file() and "| ether |" in capsys.readouterr().out
     assert "already exists" in fail(capsys, ["compare", "--model", str(model_dir), "--output", str(out)])
+
+
+@pytest.mark.parametrize("flags, message", [(["--seeds", "0,x"], "not a list of integers"),
+                                            (["--seeds", "1,1"], "distinct integers"),
+                                            (["--lr", "oft=1e-2"], "not in --methods"),
+                                            (["--lr", "lora=-1"], "must be positive"),
+                                            (["--lr", "fast"], "is not a rate")])
+def test_compare_refuses_bad_settings_before_running(model_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "compare"
+    assert message in fail(capsys, ["compare", "--model", str(model_dir), "--methods", "lora", "--output", str(out)]
+                           + flags)
+    assert not out.exists()
 
 
 def _eval_data(root):
