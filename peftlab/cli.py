@@ -326,7 +326,7 @@ def _train_bita(s: dict) -> int:
 
 def add_generation_flags(p) -> None:
     p.add_argument("--model", help=f"base model (default: the adapter's base, else {EMBEDDED_MODEL})")
-    p.add_argument("--adapter", help="run directory with adapter.json (or a PEFT LoRA directory)")
+    p.add_argument("--adapter", help="run directory with adapter.json (or a PEFT LoRA, VeRA or OFT directory)")
     p.add_argument("--template", default="chat", help="prompt template: chat (default), alpaca, plain, or none "
                                                       "to send the prompt as it is")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
@@ -485,7 +485,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--data", help="the task's test file, or a folder with LLM-Adapters' dataset/<NAME>/test.json "
                                   "(default: $PEFTLAB_DATA)")
     p.add_argument("--model", help=f"base model (default: the adapter's base, else {EMBEDDED_MODEL})")
-    p.add_argument("--adapter", help="run directory with adapter.json (or a PEFT LoRA directory)")
+    p.add_argument("--adapter", help="run directory with adapter.json (or a PEFT LoRA, VeRA or OFT directory)")
     p.add_argument("--limit", type=int, help="score only the first N examples of each task")
     p.add_argument("--scoring", choices=SCORINGS, default="loglik",
                    help="multiple choice: loglik (lm-eval's acc/acc_norm, default), label (BLoB: next-token over "
@@ -635,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
              "directory for adapter_config.json + adapter_model.safetensors", cmd_export)):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-        p.add_argument("--adapter", required=True, help="run directory with adapter.json (or a PEFT LoRA directory)")
+        p.add_argument("--adapter", required=True, help="run directory with adapter.json (or a PEFT LoRA, VeRA or OFT directory)")
         p.add_argument("--output", required=True, help=output_help)
         p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
         if name == "export":

@@ -9,7 +9,7 @@ A peftlab adapter directory holds two files, written atomically (a crash never l
 Loading checks the base model's identity and the exact set and shapes of the tensors, and changes
 nothing in the model when a check fails. LoRA, VeRA and OFT export to PEFT's format
 (``adapter_config.json`` + ``adapter_model.safetensors``), ETHER and VeRA also as an exact PEFT LoRA;
-LoRA imports from it.
+all three import from it (each method's ``peft_names``/``config_from_peft`` give the translation).
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab import __version__
-from peftlab.adapters import AdapterConfigError, LoraConfig, config_from_dict
+from peftlab.adapters import AdapterConfig, AdapterConfigError, config_from_dict
+from peftlab.adapters.base import peft_method_class
 from peftlab.inject import add_adapter, adapter_layers, adapter_names, adapter_parameters, remove_adapter, unwrap
 from peftlab.methods import attached, restore
 from peftlab.models import base_identity
@@ -184,7 +185,7 @@ def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
             add_adapter(model, adapter_config, name=name, activate=False)
         others = set(config["adapters"]) - set(wanted)  # the file's adapters not asked for are skipped
         _load_strict(model, {k: v for k, v in tensors.items() if not k.startswith("extra.")
-                             and _adapter_of(k) not in others}, wanted, path)
+                             and _adapter_of(k) not in others}, wanted, path / WEIGHTS_FILE)
         described = config.get("extra", {}).get("method")
         if described is not None and not others:  # a subset loads as plain adapters
             restore(model, described, extras)
@@ -212,18 +213,18 @@ def _exact_pattern(module_names: list[str]) -> str:
     return "|".join(re.escape(name) for name in module_names)
 
 
-def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], names: list[str], path) -> None:
+def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], names: list[str], file: Path) -> None:
     expected = dict(adapter_parameters(model, names))
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         detail = (f"missing {len(missing)} tensor(s), e.g. {missing[:2]}" if missing else "") + \
                  ("; " if missing and extra else "") + (f"unexpected {len(extra)}, e.g. {extra[:2]}" if extra else "")
-        raise AdapterFileError(f"{path / WEIGHTS_FILE} does not match its config ({detail}): the file is "
+        raise AdapterFileError(f"{file} does not match its config ({detail}): the file is "
                                "incomplete or from another model; re-save the adapter")
     for key, target in expected.items():
         if tuple(tensors[key].shape) != tuple(target.shape):
-            raise AdapterFileError(f"{path / WEIGHTS_FILE}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+            raise AdapterFileError(f"{file}: tensor {key} has shape {tuple(tensors[key].shape)}, "
                                    f"expected {tuple(target.shape)}: the file is from another model; re-save it")
     with torch.no_grad():
         for key, target in expected.items():
@@ -297,44 +298,73 @@ def _exact_lora(layers, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return fields, tensors
 
 
-def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> LoraConfig:
-    """Load a PEFT LoRA adapter directory into ``model`` as adapter ``name``."""
+# PEFT options that change which layers adapt or what they compute in ways peftlab does not model
+_PEFT_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "trainable_token_indices")
+
+
+def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> AdapterConfig:
+    """Load a PEFT adapter directory (LoRA, VeRA or OFT: the methods PEFT has with our
+    parameterisation) into ``model`` as adapter ``name``; its config, translated, is returned."""
     path = Path(path)
     peft_config = _read_json(path / PEFT_CONFIG_FILE, "peft")
-    if peft_config.get("peft_type") != "LORA":
-        raise AdapterFileError(f"{path} is a PEFT {peft_config.get('peft_type')} adapter: only LORA imports; "
-                               "convert it with PEFT or train it with peftlab")
-    unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save", "use_dora", "layers_to_transform")
-                   if peft_config.get(k)]
+    peft_type = peft_config.get("peft_type")
+    try:
+        adapter_class = peft_method_class(peft_type)
+    except AdapterConfigError as err:
+        raise AdapterFileError(f"{path}: {err}") from None
+    unsupported = [k for k in _PEFT_UNSUPPORTED if peft_config.get(k)]
     if peft_config.get("bias", "none") != "none":
         unsupported.append("bias")
     if unsupported:
-        raise AdapterFileError(f"{path} uses PEFT LoRA options peftlab does not import: {unsupported}; "
+        raise AdapterFileError(f"{path} uses PEFT {peft_type} options peftlab does not import: {unsupported}; "
                                "merge it with PEFT instead")
     raw = _read_tensors(path / PEFT_WEIGHTS_FILE)
-    tensors, layers = {}, []
-    pattern = re.compile(rf"^{re.escape(_PEFT_PREFIX)}(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight$")
+    names = "|".join(re.escape(key) for key in adapter_class.peft_names)
+    pattern = re.compile(rf"^{re.escape(_PEFT_PREFIX)}(.+)\.({names})$")
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    shared = {}
     for key, value in raw.items():
         match = pattern.match(key)
-        if not match:
-            raise AdapterFileError(f"{path / PEFT_WEIGHTS_FILE} holds tensor {key!r} that is not a LoRA A/B weight: "
-                                   "only plain LoRA adapters import")
-        layer_name, which = match.groups()
-        tensors[f"{layer_name}.adapters.{name}.{which}"] = value
-        if layer_name not in layers:
-            layers.append(layer_name)
-    config = LoraConfig(r=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
-                        dropout=float(peft_config.get("lora_dropout") or 0.0),
-                        use_rslora=bool(peft_config.get("use_rslora", False)),
-                        target_modules=_exact_pattern(layers))
+        if match:
+            layers.setdefault(match[1], {})[match[2]] = value
+        else:
+            shared[key] = value
+    if not layers:
+        raise AdapterFileError(f"{path / PEFT_WEIGHTS_FILE} holds no {peft_type} layer tensors: the file is "
+                               "incomplete; re-save the adapter with PEFT")
+    try:
+        shapes = {ln: {k: tuple(v.shape) for k, v in tensors.items()} for ln, tensors in layers.items()}
+        config = adapter_class.config_from_peft(peft_config, shapes)
+        config = config.replace(target_modules=_exact_pattern(list(layers)))
+    except (AdapterConfigError, KeyError, TypeError, ValueError) as err:
+        raise AdapterFileError(f"{path / PEFT_CONFIG_FILE} does not import: {err}; merge it with PEFT "
+                               "instead") from None
     try:
         add_adapter(model, config, name=name)
-        _load_strict(model, tensors, [name], path)
+        adapted = [(ln, layer.adapters[name]) for ln, layer in adapter_layers(model) if name in layer.adapters]
+        tensors = {f"{ln}.adapters.{name}.{adapter_class.peft_names[key]}": value
+                   for ln, _ in adapted for key, value in layers.get(ln, {}).items()}
+        _load_strict(model, tensors, [name], path / PEFT_WEIGHTS_FILE)
+        _check_shared(shared, adapted[0][1].peft_shared_tensors(), path)
     except (AdapterConfigError, AdapterFileError) as err:
         if name in adapter_names(model):
             remove_adapter(model, name)
         raise AdapterFileError(f"{path} does not fit this model: {err}") from None
-    return config
+    return adapted[0][1].config  # bound to the layers (VeRA records its projection shape)
+
+
+def _check_shared(stored: dict[str, torch.Tensor], derived: dict[str, torch.Tensor], path) -> None:
+    """Model-level tensors in a PEFT file (VeRA's projections) must equal what peftlab derives from
+    the config, since peftlab uses its own; anything else in the file is not part of the method."""
+    for key, value in stored.items():
+        if key not in derived:
+            raise AdapterFileError(f"{path / PEFT_WEIGHTS_FILE} holds tensor {key!r}, which is not part of a plain "
+                                   "adapter of its type")
+        ours = derived[key].to(value.dtype)
+        if ours.shape != value.shape or not torch.equal(ours, value):
+            raise AdapterFileError(f"{path / PEFT_WEIGHTS_FILE}: tensor {key} differs from the one its config's seed "
+                                   "gives (peftlab regenerates it): the adapter was made for other target layers "
+                                   "or another seed")
 
 
 # -- merging into a plain checkpoint ------------------------------------------------------------
@@ -368,7 +398,7 @@ def save_merged(model: nn.Module, tokenizer, path: str | Path, overwrite: bool =
 def load_adapted(adapter: str | Path | None = None, model_name: str | None = None, padding_side: str = "left",
                  dtype: torch.dtype | str = torch.float32):
     """(model, tokenizer): the base model (``model_name``, else the one recorded in ``adapter``, else
-    the embedded default) with ``adapter`` loaded, from a peftlab run directory or a PEFT LoRA one."""
+    the embedded default) with ``adapter`` loaded, from a peftlab run directory or a PEFT LoRA, VeRA or OFT one."""
     from peftlab.models import EMBEDDED_MODEL, load_model, load_tokenizer
 
     adapter = Path(adapter) if adapter else None

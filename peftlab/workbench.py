@@ -131,7 +131,7 @@ def check_adapter_dir(path: str | Path) -> Path:
     path = _run_directory(path, "`peftlab train` (it holds adapter.json and adapter.safetensors)")
     if not (path / CONFIG_FILE).is_file() and not (path / PEFT_CONFIG_FILE).is_file():
         raise WorkbenchError(f"{path} holds no adapter (no {CONFIG_FILE} or {PEFT_CONFIG_FILE}): give a run "
-                             "directory written by `peftlab train`, or a PEFT LoRA directory")
+                             "directory written by `peftlab train`, or a PEFT LoRA, VeRA or OFT directory")
     return path
 
 

@@ -1,5 +1,6 @@
 """Adapter files: round trips, PEFT-format exchange both ways, merged checkpoints, bad files."""
 import json
+import re
 import subprocess
 import sys
 
@@ -115,32 +116,128 @@ def test_peft_loads_our_export(adapted, tokens, tmp_path):
     assert n_lora == sum(1 for n, _ in adapted.named_parameters() if "lora_A" in n)
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_we_load_peft_save(tokens, tmp_path, use_rslora):
+# PEFT adapters of each importable kind, as PEFT users make them (keyword arguments of its configs)
+PEFT_ADAPTERS = {
+    "lora": ("LoraConfig", dict(r=4, lora_alpha=12, target_modules=["q_proj", "up_proj"])),
+    "lora-rslora": ("LoraConfig", dict(r=4, lora_alpha=12, target_modules=["q_proj", "up_proj"], use_rslora=True)),
+    # all-linear: four layer shapes share one pair of projections
+    "vera": ("VeraConfig", dict(r=16, projection_prng_key=3, target_modules="all-linear", d_initial=0.2)),
+    "vera-unsaved-projections": ("VeraConfig", dict(r=8, target_modules=["q_proj", "down_proj"],
+                                                    save_projection=False)),
+    "oft-default": ("OFTConfig", dict(oft_block_size=16, target_modules="all-linear")),  # the 5-term series
+    "oft-exact-by-blocks": ("OFTConfig", dict(r=4, oft_block_size=0, use_cayley_neumann=False,
+                                              target_modules=["q_proj", "v_proj", "up_proj"])),
+    "oft-coft": ("OFTConfig", dict(oft_block_size=8, coft=True, eps=0.5, use_cayley_neumann=False,
+                                   target_modules=["k_proj", "gate_proj"])),
+    **{f"oft-neumann-{t}": ("OFTConfig", dict(oft_block_size=16, num_cayley_neumann_terms=t, target_modules=["o_proj"]))
+       for t in (2, 3, 4, 6)},  # T = 1 is the identity
+}
+
+
+def peft_saved(kind, path, seed=0):
+    """A PEFT model of ``kind`` with random adapter weights, saved by PEFT to ``path``; its logits."""
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "up_proj"], use_rslora=use_rslora,
-                             task_type="CAUSAL_LM")
-    peft_model = peft.get_peft_model(tiny_model(seed=0), config)
-    randomize_adapters_peft(peft_model)
-    expected = logits(peft_model.eval(), tokens)
-    peft_model.save_pretrained(tmp_path / "peft")
-    ours = tiny_model(seed=0)
-    imported = import_peft(ours, tmp_path / "peft")
-    assert imported.r == 4 and imported.alpha == 12 and imported.use_rslora == use_rslora
-    assert (logits(ours, tokens) - expected).abs().max() <= 1e-5
-
-
-def randomize_adapters_peft(model, seed=0):
+    class_name, kwargs = PEFT_ADAPTERS[kind]
+    model = peft.get_peft_model(tiny_model(seed=0), getattr(peft, class_name)(task_type="CAUSAL_LM", **kwargs))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", list(PEFT_ADAPTERS))
+def test_we_load_peft_save(kind, tokens, tmp_path):
+    """Each kind PEFT saves imports with equal logits, and our re-export loads in PEFT with them too."""
+    peft = pytest.importorskip("peft")
+    theirs = peft_saved(kind, tmp_path / "peft")
+    expected = logits(theirs, tokens)
+    ours = tiny_model(seed=0)
+    imported = import_peft(ours, tmp_path / "peft")
+    assert imported.method == kind.split("-")[0]
+    assert (logits(ours, tokens) - expected).abs().max() <= 1e-5
+    assert (logits(ours, tokens) - logits(tiny_model(seed=0), tokens)).abs().max() > 1e-3  # not a no-op
+    export_peft(ours, tmp_path / "again")
+    served = peft.PeftModel.from_pretrained(tiny_model(seed=0), tmp_path / "again").eval()
+    assert (logits(served, tokens) - expected).abs().max() <= 1e-5
+
+
+def test_imported_config_fields(tmp_path):
+    peft_saved("lora-rslora", tmp_path / "lora")
+    lora = import_peft(tiny_model(seed=0), tmp_path / "lora")
+    assert (lora.r, lora.alpha, lora.use_rslora) == (4, 12, True)
+    peft_saved("vera", tmp_path / "vera")
+    vera = import_peft(tiny_model(seed=0), tmp_path / "vera")
+    assert (vera.r, vera.projection_seed, vera.d_initial, vera.projection_shape) == (16, 3, 0.2, (128, 128))
+    peft_saved("oft-exact-by-blocks", tmp_path / "oft")
+    oft = import_peft(tiny_model(seed=0), tmp_path / "oft")
+    assert (oft.block_size, oft.neumann_terms) == (16, 0)  # r = 4 blocks of the 64-wide inputs
+    peft_saved("oft-default", tmp_path / "oft5")
+    assert import_peft(tiny_model(seed=0), tmp_path / "oft5").neumann_terms == 5
+
+
+def test_import_refuses_projections_from_another_seed(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    peft_saved("vera", tmp_path / "peft")
+    file = tmp_path / "peft" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"].flip(0).contiguous()
+    save_file(tensors, file, metadata={"format": "pt"})
+    model = tiny_model(seed=0)
+    with pytest.raises(AdapterFileError, match="vera_A differs from the one its config's seed gives"):
+        import_peft(model, tmp_path / "peft")
+    assert adapter_names(model) == []  # nothing half-loaded
+
+
+@pytest.mark.parametrize("kind, change, message", [
+    ("oft-default", {"block_share": True}, "block_share"),
+    ("lora", {"use_dora": True}, "DoRA"),
+    ("lora", {"bias": "all"}, re.escape("options peftlab does not import: ['bias']")),
+    ("vera", {"layers_to_transform": [0]}, "layers_to_transform"),
+    ("oft-default", {"peft_version": "0.17.1"}, "PEFT < 0.18, whose Cayley–Neumann series differs"),
+    ("oft-default", {"oft_block_size": None}, "PEFT < 0.14"),
+])
+def test_import_refuses_options_it_does_not_model(kind, change, message, tmp_path):
+    peft_saved(kind, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    changed = {k: v for k, v in {**config, **change}.items() if v is not None}  # None: the field is absent
+    (tmp_path / "adapter_config.json").write_text(json.dumps(changed))
+    model = tiny_model(seed=0)
+    with pytest.raises(AdapterFileError, match=message):
+        import_peft(model, tmp_path)
+    assert adapter_names(model) == []
+
+
+def test_import_refuses_block_counts_that_give_several_block_sizes(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.OFTConfig(r=4, oft_block_size=0, use_cayley_neumann=False, target_modules=["q_proj", "down_proj"])
+    peft.get_peft_model(tiny_model(seed=0), config).save_pretrained(tmp_path)
+    with pytest.raises(AdapterFileError, match=r"block sizes \[16, 32\].*train it with oft_block_size"):
+        import_peft(tiny_model(seed=0), tmp_path)
+
+
+def test_import_refuses_foreign_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    peft_saved("lora", tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    missing = dict(tensors)
+    del missing[next(k for k in missing if k.endswith("lora_B.weight"))]
+    save_file(missing, file, metadata={"format": "pt"})
+    with pytest.raises(AdapterFileError, match="missing 1 tensor"):
+        import_peft(tiny_model(seed=0), tmp_path)
+    save_file({**tensors, "base_model.model.lm_head.weight": torch.zeros(2)}, file, metadata={"format": "pt"})
+    with pytest.raises(AdapterFileError, match="lm_head.weight', which is not part of a plain adapter"):
+        import_peft(tiny_model(seed=0), tmp_path)
 
 
 def test_import_refuses_other_peft_types(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
-    with pytest.raises(AdapterFileError, match="only LORA imports"):
+    with pytest.raises(AdapterFileError, match="IA3 adapters do not import: only LORA, OFT, VERA do"):
         import_peft(tiny_model(), tmp_path)
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import check_merge_round_trip, logits, randomize_adapters
 from peftlab.adapters.base import AdapterConfigError, AdapterLayer
-from peftlab.adapters.oft import OftAdapter, OftConfig, cayley, coft_project
+from peftlab.adapters.oft import OftAdapter, OftConfig, cayley, cayley_neumann, coft_project
 from peftlab.inject import adapter_layers, add_adapter, merge, unmerge
 from peftlab.io import export_peft, load_adapter, save_adapter
 from peftlab.models import tiny_model
@@ -109,6 +109,29 @@ def test_merge_equals_unmerged_and_unmerge_restores(tiny, tokens):
     add_adapter(tiny, OftConfig(block_size=32), seed=0)
     randomize_adapters(tiny, std=0.2)
     check_merge_round_trip(tiny, tokens, base_weights, changed_by=1e-2)
+
+
+def test_neumann_series_merges_and_unmerges(tiny, tokens):
+    """PEFT's series is not orthogonal, so unmerging solves with R; the round trip still holds."""
+    base_weights = {n: p.clone() for n, p in tiny.named_parameters()}
+    add_adapter(tiny, OftConfig(block_size=16, neumann_terms=5), seed=0)
+    randomize_adapters(tiny, std=0.05)  # ‖S‖ < 1: the series is well conditioned, as for trained adapters
+    R = tiny.model.layers[0].self_attn.q_proj.adapters["default"].rotation()
+    assert (R.transpose(-2, -1) @ R - torch.eye(16)).abs().max() > 1e-3  # not orthogonal
+    check_merge_round_trip(tiny, tokens, base_weights)
+
+
+def test_neumann_series_is_the_transform_of_minus_s_truncated():
+    """I + 2(S + … + S^{m−1}) + S^m → (I + S)(I − S)⁻¹ = R_exact(−S) as terms grow (small S)."""
+    torch.manual_seed(0)
+    theta = torch.randn(3, 8 * 7 // 2) * 0.05
+    triu = torch.triu_indices(8, 8, 1)
+    exact_of_minus = cayley(-theta, 8, triu)
+    errors = [(cayley_neumann(theta, 8, triu, t) - exact_of_minus).abs().max() for t in (3, 5, 8, 12)]
+    assert errors[-1] <= 1e-6 and all(a > b for a, b in zip(errors, errors[1:]))
+    assert torch.equal(cayley_neumann(theta, 8, triu, 3), cayley_neumann(theta, 8, triu, 4))  # as in PEFT
+    S = cayley_neumann(theta, 8, triu, 2) - torch.eye(8)
+    assert torch.allclose(S, -S.transpose(-2, -1)) and S.abs().max() > 0  # I + 2S
 
 
 def test_merged_weight_is_w_blockdiag_r_transposed():
@@ -243,7 +266,8 @@ def test_bad_configs(tiny):
         add_adapter(tiny, OftConfig(block_size=256 // 3, target_modules=("down_proj",)))
     for bad, match in [({"block_size": 1}, "at least 2"), ({"block_size": 0}, "positive int"),
                        ({"eps": 0.0}, "eps must be a positive"), ({"dropout": 1.0}, "dropout"),
-                       ({"coft": "yes"}, "coft must be true or false")]:
+                       ({"coft": "yes"}, "coft must be true or false"),
+                       ({"neumann_terms": -1}, "neumann_terms must be 0"), ({"neumann_terms": 2.5}, "neumann_terms")]:
         with pytest.raises(AdapterConfigError, match=match):
             OftConfig(**bad)
 

@@ -179,15 +179,29 @@ class Adapter(nn.Module):
         raise NotImplementedError(f"the {self.config.method} update is not exactly low-rank, so it has no exact LoRA "
                                   "form: export it without --as lora (LoRA, VeRA, OFT) or keep peftlab's adapter file")
 
+    # -- PEFT format ------------------------------------------------------------------------
+    # A method PEFT has with the same parameterisation names PEFT's type and maps PEFT's per-layer
+    # tensor names to its parameters ({"lora_A.weight": "lora_A"}); export and import (io) are then
+    # renamings plus ``peft_config`` and its inverse ``config_from_peft``.
+    peft_type: ClassVar[str | None] = None
+    peft_names: ClassVar[dict[str, str]] = {}
+
     def peft_config(self) -> dict:
         """The method's fields of a PEFT ``adapter_config.json``, for methods PEFT has with the
         same parameterisation (see io.export_peft)."""
         raise NotImplementedError(f"{self.config.method} adapters have no PEFT equivalent: save them in peftlab's "
                                   "format" + (", or export them as an exact LoRA (--as lora)" if self.mergeable else ""))
 
+    @classmethod
+    def config_from_peft(cls, fields: dict, shapes: dict[str, dict[str, tuple[int, ...]]]) -> AdapterConfig:
+        """The config of a PEFT ``adapter_config.json`` (the inverse of ``peft_config``); ``shapes``
+        gives each adapted layer's tensor shapes by PEFT name. Options with no equivalent here raise
+        AdapterConfigError."""
+        raise NotImplementedError
+
     def peft_tensors(self) -> dict[str, torch.Tensor]:
         """This layer's tensors under PEFT's names, relative to the layer (``lora_A.weight``)."""
-        raise NotImplementedError
+        return {key: getattr(self, attribute) for key, attribute in self.peft_names.items()}
 
     def peft_shared_tensors(self) -> dict[str, torch.Tensor]:
         """Model-level tensors PEFT stores once (VeRA's projections), relative to the model."""
@@ -309,10 +323,23 @@ def register(adapter_class: type[Adapter]) -> type[Adapter]:
     return adapter_class
 
 
-def method_class(method: str) -> type[Adapter]:
-    from peftlab import adapters as _  # noqa: F401  (importing the package registers every method)
+def _registered() -> dict[str, type[Adapter]]:
+    import peftlab.adapters  # noqa: F401  (importing the package registers every method)
 
-    if method not in METHODS:
+    return METHODS
+
+
+def peft_method_class(peft_type) -> type[Adapter]:
+    """The method a PEFT adapter of type ``peft_type`` imports as."""
+    known = {c.peft_type: c for c in _registered().values() if c.peft_type}
+    if peft_type not in known:
+        raise AdapterConfigError(f"PEFT {peft_type} adapters do not import: only {', '.join(sorted(known))} do; "
+                                 "convert it with PEFT or train it with peftlab")
+    return known[peft_type]
+
+
+def method_class(method: str) -> type[Adapter]:
+    if method not in _registered():
         raise AdapterConfigError(f"unknown adapter method {method!r}: choose one of {sorted(METHODS)}")
     return METHODS[method]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.adapters.base import Adapter, AdapterConfig, in_range, positive, register
+from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, in_range, positive, register
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,19 @@ class LoraAdapter(Adapter):
         return self.lora_B * self.scaling, self.lora_A
 
     # -- PEFT format: the same parameterisation, so the export is a renaming ------------------------
+    peft_type = "LORA"
+    peft_names = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}
+
     def peft_config(self):
         c = self.config
         return {"peft_type": "LORA", "r": c.r, "lora_alpha": c.alpha, "lora_dropout": c.dropout,
                 "use_rslora": c.use_rslora, "bias": "none", "init_lora_weights": True, "use_dora": False,
                 "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {}}
 
-    def peft_tensors(self):
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+    @classmethod
+    def config_from_peft(cls, fields, shapes):
+        if fields.get("use_dora"):
+            raise AdapterConfigError("it is a DoRA adapter (use_dora), which peftlab does not have")
+        return LoraConfig(r=int(fields["r"]), alpha=float(fields["lora_alpha"]),
+                          dropout=float(fields.get("lora_dropout") or 0.0),
+                          use_rslora=bool(fields.get("use_rslora", False)))

@@ -8,6 +8,14 @@ upper-triangle parameters θ_r:
     h   = W · blockdiag(R)ᵀ x + b          i.e. each input block x_r ← x_r R_r as a row vector
 
 R_r is orthogonal with det +1, so W keeps its pairwise neuron angles ("hyperspherical energy").
+With ``neumann_terms = T`` the inverse is replaced by PEFT's truncated Cayley–Neumann series (its
+default, T = 5), the expansion (I + S)(I − S)⁻¹ = I + 2S + 2S² + … cut after the power m = max(T − 1, 3)
+(T ≥ 3; T = 2 gives I + 2S):
+
+    R_r ≈ I + 2(S + S² + … + S^{m−1}) + S^m
+
+which is the exact transform of −S truncated, so only approximately orthogonal; it exists here so
+that PEFT's default OFT adapters import exactly. Unmerging then solves with R instead of using Rᵀ.
 θ = 0 at init, so R = I and training starts exactly at the base model. The merged weight is
 W·blockdiag(R)ᵀ and unmerging multiplies by blockdiag(R), the exact inverse. COFT keeps each block
 within a Frobenius ball, ‖S_r‖_F ≤ ε/√n; ``dropout`` replaces a random int(p·n) blocks by I in
@@ -43,6 +51,7 @@ class OftConfig(AdapterConfig):
     coft: bool = False        # constrained OFT: project each block onto ‖S_r‖_F ≤ eps/√n
     eps: float = 6e-5         # COFT radius (PEFT's default and meaning)
     dropout: float = 0.0      # multiplicative dropout: int(p·n) random blocks become I during training
+    neumann_terms: int = 0    # 0: the exact Cayley transform; T > 0: PEFT's T-term Cayley–Neumann series
 
     def validate(self):
         positive(self, "block_size")
@@ -53,6 +62,10 @@ class OftConfig(AdapterConfig):
             raise AdapterConfigError(f"oft coft must be true or false, got {self.coft!r}")
         positive(self, "eps", float)
         in_range(self, "dropout", 0.0, 1.0)
+        terms = self.neumann_terms
+        if isinstance(terms, bool) or not isinstance(terms, int) or terms < 0:
+            raise AdapterConfigError(f"oft neumann_terms must be 0 (the exact Cayley transform) or a positive number "
+                                     f"of series terms (PEFT's default is 5), got {terms!r}")
 
     def bind(self, shapes):
         for name, (in_features, _) in shapes.items():
@@ -70,13 +83,34 @@ def check_divides(block_size: int, in_features: int, layer_name: str, common: in
             ", or leave that layer out with exclude_modules")
 
 
-def cayley(theta: torch.Tensor, block_size: int, triu: torch.Tensor) -> torch.Tensor:
-    """R = (I − S)(I + S)⁻¹ for each block, S = triu(θ) − triu(θ)ᵀ; in fp32, shape (n, b, b)."""
+def skew(theta: torch.Tensor, block_size: int, triu: torch.Tensor) -> torch.Tensor:
+    """S = triu(θ) − triu(θ)ᵀ for each block, in fp32, shape (n, b, b)."""
     S = theta.new_zeros(theta.shape[0], block_size, block_size, dtype=torch.float32)
     S[:, triu[0], triu[1]] = theta.float()
-    S = S - S.transpose(-2, -1)
+    return S - S.transpose(-2, -1)
+
+
+def cayley(theta: torch.Tensor, block_size: int, triu: torch.Tensor) -> torch.Tensor:
+    """R = (I − S)(I + S)⁻¹ for each block; in fp32, shape (n, b, b)."""
+    S = skew(theta, block_size, triu)
     eye = torch.eye(block_size, device=theta.device).expand_as(S)
     return torch.linalg.solve(eye + S, eye - S, left=False)  # X (I + S) = I − S
+
+
+def cayley_neumann(theta: torch.Tensor, block_size: int, triu: torch.Tensor, terms: int) -> torch.Tensor:
+    """PEFT's series R ≈ I + 2(S + … + S^{m−1}) + S^m with m = max(T − 1, 3) (I + 2S for T = 2, I for T = 1)."""
+    S = skew(theta, block_size, triu)
+    R = torch.eye(block_size, device=theta.device).expand_as(S)
+    if terms <= 1:
+        return R.clone()
+    R = R + 2 * S
+    if terms == 2:
+        return R
+    top, power = max(terms - 1, 3), S
+    for k in range(2, top + 1):
+        power = power @ S
+        R = R + (1 if k == top else 2) * power
+    return R
 
 
 def coft_project(theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,6 +146,8 @@ class OftAdapter(Adapter):
                     theta.copy_(projected)
             # the projected value, with the gradient of the parameter (PEFT differentiates at the projected point)
             theta = theta + (projected - theta).detach()
+        if self.config.neumann_terms:
+            return cayley_neumann(theta, self.block_size, self.triu, self.config.neumann_terms)
         return cayley(theta, self.block_size, self.triu)
 
     def forward(self, x, inner):
@@ -123,22 +159,62 @@ class OftAdapter(Adapter):
         blocks = x.reshape(*x.shape[:-1], self.n_blocks, self.block_size)
         return inner(torch.einsum("...nk,nkc->...nc", blocks, R.to(x.dtype)).reshape(x.shape))
 
-    # W·blockdiag(R)ᵀ: row o, block r of W becomes W[o, r] R_rᵀ; unmerging multiplies by R_r back.
+    # W·blockdiag(R)ᵀ: row o, block r of W becomes W[o, r] R_rᵀ; unmerging multiplies by R_r⁻ᵀ, which
+    # is R_r itself for the exact transform and a solve (in fp64) for the series, which is not orthogonal.
     def merged_weight(self, weight):
         W = weight.float().reshape(self.out_features, self.n_blocks, self.block_size)
         return torch.einsum("onk,nck->onc", W, self.rotation()).reshape(weight.shape).to(weight.dtype)
 
     def unmerged_weight(self, weight):
-        W = weight.float().reshape(self.out_features, self.n_blocks, self.block_size)
-        return torch.einsum("onk,nkc->onc", W, self.rotation()).reshape(weight.shape).to(weight.dtype)
+        if not self.config.neumann_terms:
+            W = weight.float().reshape(self.out_features, self.n_blocks, self.block_size)
+            return torch.einsum("onk,nkc->onc", W, self.rotation()).reshape(weight.shape).to(weight.dtype)
+        W = weight.double().reshape(self.out_features, self.n_blocks, self.block_size).transpose(0, 1)
+        restored = torch.linalg.solve(self.rotation().double().transpose(-2, -1), W, left=False)  # X Rᵀ = W
+        return restored.transpose(0, 1).reshape(weight.shape).to(weight.dtype)
 
-    # -- PEFT format: OFTRotationModule with exact Cayley, so the export is a renaming ----------------
+    # -- PEFT format: OFTRotationModule, so the export is a renaming ----------------------------------
+    peft_type = "OFT"
+    peft_names = {"oft_R.weight": "oft_R"}
+
     def peft_config(self):
         c = self.config
-        return {"peft_type": "OFT", "r": 0, "oft_block_size": c.block_size, "use_cayley_neumann": False,
-                "num_cayley_neumann_terms": 5, "coft": c.coft, "eps": c.eps, "module_dropout": c.dropout,
-                "block_share": False, "fan_in_fan_out": False, "bias": "none", "init_weights": True,
-                "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
+        return {"peft_type": "OFT", "r": 0, "oft_block_size": c.block_size, "use_cayley_neumann": c.neumann_terms > 0,
+                "num_cayley_neumann_terms": c.neumann_terms or 5, "coft": c.coft, "eps": c.eps,
+                "module_dropout": c.dropout, "block_share": False, "fan_in_fan_out": False, "bias": "none",
+                "init_weights": True, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+                # PEFT reads a series adapter without this as one from before 0.18, whose series differs
+                **({"peft_version": "0.18.0"} if c.neumann_terms else {})}
 
-    def peft_tensors(self):
-        return {"oft_R.weight": self.oft_R}
+    @classmethod
+    def config_from_peft(cls, fields, shapes):
+        if "oft_block_size" not in fields:
+            raise AdapterConfigError("it was saved by PEFT < 0.14, whose OFT has another parameterisation: retrain "
+                                     "it with a current PEFT")
+        if fields.get("block_share"):
+            raise AdapterConfigError("it shares one rotation across blocks (block_share), which peftlab's OFT does not")
+        neumann = fields.get("use_cayley_neumann", True)  # PEFT's default when the field is absent
+        if neumann and _version(fields.get("peft_version", "0")) < (0, 18):
+            raise AdapterConfigError("it was saved by PEFT < 0.18, whose Cayley–Neumann series differs from the "
+                                     "current one: re-save or retrain it with PEFT ≥ 0.18")
+        size = int(fields["oft_block_size"])
+        if not size:  # PEFT's r blocks per layer: the stored upper triangles, b(b−1)/2 each, give b
+            sizes = {round((1 + math.sqrt(1 + 8 * layer["oft_R.weight"][1])) / 2) for layer in shapes.values()}
+            if len(sizes) > 1:
+                raise AdapterConfigError(f"its r = {fields.get('r')} blocks per layer give block sizes {sorted(sizes)} "
+                                         "on these layers, and peftlab's OFT has one block size: train it with "
+                                         "oft_block_size instead of r")
+            size = sizes.pop()
+        return OftConfig(block_size=size, coft=bool(fields.get("coft", False)), eps=float(fields.get("eps", 6e-5)),
+                         dropout=float(fields.get("module_dropout") or 0.0),
+                         neumann_terms=int(fields.get("num_cayley_neumann_terms", 5)) if neumann else 0)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '0.18.1' or '0.18.0.dev0@abc'; (0,) if unreadable."""
+    parts = []
+    for part in str(text).partition("@")[0].split(".")[:2]:
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts) or (0,)

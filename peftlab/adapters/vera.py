@@ -139,14 +139,21 @@ class VeraAdapter(Adapter):
         return self.lambda_b.float()[:, None] * B[:self.out_features], self.lambda_d.float()[:, None] * A[:, :self.in_features]
 
     # -- PEFT format: the same parameterisation; PEFT also stores A and B ---------------------------
+    peft_type = "VERA"
+    peft_names = {"vera_lambda_b": "lambda_b", "vera_lambda_d": "lambda_d"}
+
     def peft_config(self):
         c = self.config
         return {"peft_type": "VERA", "r": c.r, "projection_prng_key": c.projection_seed, "save_projection": True,
                 "vera_dropout": c.dropout, "d_initial": c.d_initial, "fan_in_fan_out": False, "bias": "none",
                 "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
 
-    def peft_tensors(self):
-        return {"vera_lambda_b": self.lambda_b, "vera_lambda_d": self.lambda_d}
+    @classmethod
+    def config_from_peft(cls, fields, shapes):
+        # A and B come back from projection_prng_key; io checks them against the file's copies, if any
+        return VeraConfig(r=int(fields["r"]), d_initial=float(fields.get("d_initial", 0.1)),
+                          dropout=float(fields.get("vera_dropout") or 0.0),
+                          projection_seed=int(fields.get("projection_prng_key", 0)))
 
     def peft_shared_tensors(self):
         A, B = self.projections(device="cpu")

@@ -3,7 +3,7 @@
     lm_eval --model peftlab --model_args base=HF_ID_OR_DIR,adapter=RUN_DIR --tasks arc_easy
 
 loads the base model (default: the adapter's recorded base, else the embedded SmolLM2) with any
-peftlab adapter (ETHER, AdapterH, VeRA, … which PEFT cannot load) or a PEFT LoRA directory, and
+peftlab adapter (ETHER, AdapterH, VeRA, … which PEFT cannot load) or a PEFT LoRA, VeRA or OFT directory, and
 hands it to lm-eval's own ``hf`` implementation, so requests are tokenised, batched and scored
 exactly as ``--model hf`` does. Further arguments (``batch_size``, ``max_length``, …) pass through.
 
