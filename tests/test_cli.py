@@ -61,6 +61,23 @@ def test_generate_with_adapter_matches_api(run_dir, model_dir, capsys, tmp_path)
     assert json.loads((tmp_path / "o.jsonl").read_text())["output"] == expected
 
 
+@pytest.mark.parametrize("kind", ["vera", "oft-default"])
+def test_generate_with_a_peft_adapter_directory(kind, model_dir, capsys, tmp_path):
+    """A PEFT VeRA or OFT directory (as PEFT saves it) serves like a peftlab run: its greedy answer
+    equals the PEFT model's own."""
+    from test_io import peft_saved
+    from peftlab.generate import generate
+
+    theirs = peft_saved(kind, tmp_path / "peft")
+    assert main(["generate", "--adapter", str(tmp_path / "peft"), "--model", str(model_dir), "--template", "plain",
+                 "--prompt", "Mia has 3 apples.", "--max-new-tokens", "8"]) == 0
+    printed = capsys.readouterr().out.rstrip("\n")
+    expected = generate(theirs, tiny_tokenizer(), ["Mia has 3 apples."], template="plain", max_new_tokens=8)[0]
+    assert printed == expected
+    base = generate(tiny_model(seed=0), tiny_tokenizer(), ["Mia has 3 apples."], template="plain", max_new_tokens=8)[0]
+    assert expected != base  # the adapter changes the answer, so the test sees whether it was loaded
+
+
 def test_merge_and_export(run_dir, model_dir, tmp_path):
     from peftlab.io import load_adapter
     from peftlab.models import load_model
