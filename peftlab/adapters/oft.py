@@ -8,21 +8,22 @@ upper-triangle parameters θ_r:
     h   = W · blockdiag(R)ᵀ x + b          i.e. each input block x_r ← x_r R_r as a row vector
 
 R_r is orthogonal with det +1, so W keeps its pairwise neuron angles ("hyperspherical energy").
-With ``neumann_terms = T`` the inverse is replaced by PEFT's truncated Cayley–Neumann series (its
-default, T = 5), the expansion (I + S)(I − S)⁻¹ = I + 2S + 2S² + … cut after the power m = max(T − 1, 3)
-(T ≥ 3; T = 2 gives I + 2S):
-
-    R_r ≈ I + 2(S + S² + … + S^{m−1}) + S^m
-
-which is the exact transform of −S truncated, so only approximately orthogonal; it exists here so
-that PEFT's default OFT adapters import exactly. Unmerging then solves with R instead of using Rᵀ.
 θ = 0 at init, so R = I and training starts exactly at the base model. The merged weight is
 W·blockdiag(R)ᵀ and unmerging multiplies by blockdiag(R), the exact inverse. COFT keeps each block
 within a Frobenius ball, ‖S_r‖_F ≤ ε/√n; ``dropout`` replaces a random int(p·n) blocks by I in
 training (PEFT's ``module_dropout``).
 
-Everything follows PEFT's ``OFTRotationModule`` with ``use_cayley_neumann=False`` (parameter layout,
-Cayley sign, orientation, COFT projection), so an adapter exports to PEFT as a renaming. Deliberate
+``neumann_terms = T`` replaces the inverse by PEFT's truncated Cayley–Neumann series (PEFT's default,
+T = 5). It expands (I + S)(I − S)⁻¹ = I + 2S + 2S² + …, i.e. the exact transform of −S, and stops at
+the power m = max(T − 1, 3) (T = 2 gives I + 2S):
+
+    R_r ≈ I + 2(S + S² + … + S^{m−1}) + S^m
+
+so R_r is only approximately orthogonal, and unmerging solves with it instead of using R_rᵀ. It is
+here so that PEFT's default OFT adapters import and export exactly; the exact transform stays ours.
+
+Everything follows PEFT's ``OFTRotationModule`` (parameter layout, Cayley sign, orientation, series,
+COFT projection), so an adapter exchanges with PEFT as a renaming. Deliberate
 differences: the Cayley solve always runs in fp32; a block size that does not divide a layer's input
 is an error (PEFT silently picks another); PEFT 0.21.2 builds its module-dropout layer but never
 applies it, while here it is applied; in eval mode COFT uses the projected parameter without
