@@ -233,6 +233,37 @@ def test_default_targets_follow_houlsby(tiny):
     assert all(isinstance(tiny.get_submodule(t), AdapterLayer) for t in targets)
 
 
+TINY = dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=64, intermediate_size=64)
+OTHER_ARCHITECTURES = {  # config class, its arguments, the two adapted layers of a block
+    "OPTConfig": (dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=64, ffn_dim=64,
+                       word_embed_proj_dim=32), ["self_attn.out_proj", "fc2"]),
+    "GPTJConfig": (dict(n_embd=32, n_head=4, n_layer=2, vocab_size=64, rotary_dim=4), ["attn.out_proj", "mlp.fc_out"]),
+    "PhiConfig": (TINY, ["self_attn.dense", "mlp.fc2"]),
+    "GPTNeoXConfig": (TINY, ["attention.dense", "mlp.dense_4h_to_h"]),
+    "FalconConfig": (dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=2, vocab_size=64),
+                     ["self_attention.dense", "mlp.dense_4h_to_h"]),
+    "GPTBigCodeConfig": (dict(n_embd=32, n_head=4, n_layer=2, vocab_size=64), ["attn.c_proj", "mlp.c_proj"]),
+    "Starcoder2Config": (TINY | {"num_key_value_heads": 2}, ["self_attn.o_proj", "mlp.c_proj"]),
+    "Qwen2Config": (TINY | {"num_key_value_heads": 2}, ["self_attn.o_proj", "mlp.down_proj"]),
+}
+
+
+@pytest.mark.parametrize("config_name", OTHER_ARCHITECTURES)
+def test_default_targets_find_attention_and_ffn_outputs_in_other_architectures(config_name):
+    import transformers
+
+    kwargs, expected = OTHER_ARCHITECTURES[config_name]
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**kwargs))
+    model.eval()
+    ids = torch.randint(0, 64, (1, 6))
+    before = model(ids).logits
+    targets = add_adapter(model, BottleneckConfig(bottleneck_size=4, init="zero_up"), seed=0)
+    ends = [".".join(t.split(".")[-len(e.split(".")):]) for t, e in zip(targets, expected * 2)]
+    assert ends == expected * 2, targets  # two per block, after attention then after the FFN
+    torch.testing.assert_close(model(ids).logits, before, rtol=0, atol=1e-6)  # zero up-projection: the base model
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"non_linearity": "swish"}, r"non_linearity must be one of \['tanh', 'relu', 'gelu', 'silu', 'sigmoid'\]"),
     ({"placement": "series"}, r"placement must be one of \['post', 'pre', 'parallel'\]"),

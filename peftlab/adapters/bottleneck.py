@@ -20,7 +20,8 @@ LLM-Adapters' version differs from Houlsby's: no biases in D and U, tanh by defa
 "bert" init, and placement chosen by module name (pre-linear on LLaMA gate/up_proj, post-linear on
 down_proj) rather than after the attention output and the FFN; Houlsby also trains the layer
 norms, which we leave frozen. We reproduce LLM-Adapters' module; only the default targets,
-o_proj and down_proj with ``post``, follow Houlsby's placement. (LLM-Adapters' default mixes pre
+the attention output and FFN output projections with ``post`` (``BLOCK_OUTPUTS``: o_proj and
+down_proj on Llama-style models, their counterparts elsewhere), follow Houlsby's placement. (LLM-Adapters' default mixes pre
 on gate/up with post on down: add two named adapters and activate both.) The adapter computes in
 the layer's dtype (LLM-Adapters upcasts to fp32 only in its 8-bit layer); use autocast for mixed
 precision. The update is input-dependent and nonlinear, so it cannot be merged into W, and PEFT
@@ -40,12 +41,18 @@ from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, in
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "sigmoid": torch.sigmoid}
 PLACEMENTS = ("post", "pre", "parallel")
 INITS = ("bert", "zero_up")
+# The attention-output and FFN-output linears, Houlsby's two places in a block, as each architecture
+# family in transformers names them (matched as name suffixes, so a model only ever matches its own):
+#   Llama, Mistral, Qwen2, Gemma, OLMo, Phi-3, SmolLM: o_proj, down_proj   OPT: out_proj, fc2
+#   GPT-J: out_proj, fc_out   Phi: dense, fc2   GPT-NeoX, Falcon, BLOOM: dense, dense_4h_to_h
+#   GPT-BigCode: c_proj (both)   Starcoder2: o_proj, c_proj
+BLOCK_OUTPUTS = ("o_proj", "down_proj", "out_proj", "dense", "fc2", "fc_out", "dense_4h_to_h", "c_proj")
 
 
 @dataclass(frozen=True)
 class BottleneckConfig(AdapterConfig):
     method = "bottleneck"
-    target_modules: str | tuple[str, ...] = ("o_proj", "down_proj")  # after attention and after the FFN
+    target_modules: str | tuple[str, ...] = BLOCK_OUTPUTS  # after attention and after the FFN
     bottleneck_size: int = 256
     non_linearity: str = "tanh"
     dropout: float = 0.0
