@@ -33,6 +33,7 @@ import common  # noqa: E402
 from peftlab.distill import encode_prompts, greedy_batch, read_prompts  # noqa: E402
 from peftlab.io import load_adapted  # noqa: E402
 from peftlab.methods.bita import CPU_TREE, GPU_TREE, bita_generate  # noqa: E402
+from peftlab.models import with_cache  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -62,13 +63,13 @@ def step_costs(model, qs: list[int], device, context: int = 300, repeats: int = 
 
     ids = torch.randint(100, 20000, (1, context + max(qs)), generator=torch.Generator().manual_seed(0)).to(device)
     base = DynamicCache(config=model.config)
-    model(ids[:, :context], past_key_values=base, use_cache=True)
+    model(ids[:, :context], **with_cache(model, base), use_cache=True)
     costs = {}
     for q in qs:
         times = []
         for _ in range(repeats + 1):
             cache = _copy(base, model)
-            times.append(common.timed(lambda: model(ids[:, context:context + q], past_key_values=cache,
+            times.append(common.timed(lambda: model(ids[:, context:context + q], **with_cache(model, cache),
                                                     use_cache=True), device))
         costs[q] = common.median(times[1:])
     return costs

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -164,6 +165,22 @@ def load_tokenizer(name: str = EMBEDDED_MODEL, padding_side: str = "right"):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def cache_argument(module) -> str:
+    """The keyword under which a model's forward takes the KV cache: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before (the old name still works there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+
+
+def with_cache(module, cache) -> dict:
+    """``{name: cache}`` under the name ``module``'s forward takes it (see ``cache_argument``)."""
+    return {cache_argument(module): cache}
+
+
+def output_cache(output):
+    """The KV cache a model output returns, under either transformers' name for it (None if none)."""
+    return output.get("cache", output.get("past_key_values"))
 
 
 def base_identity(model) -> dict:

@@ -14,7 +14,7 @@ from peftlab.io import AdapterFileError, load_adapter, save_adapter
 from peftlab.methods.bita import (
     Bita, BitaConfig, BitaError, BitaObjective, TreeLayout, add_bita, bita_generate, collate, training_data,
     mask_logits, training_example, training_loss)
-from peftlab.models import tiny_model, tiny_tokenizer
+from peftlab.models import tiny_model, tiny_tokenizer, with_cache
 from peftlab.train import TrainConfig, train
 
 MAX_NEW = 24
@@ -224,7 +224,7 @@ def test_cache_holds_exactly_the_committed_tokens(model64):
 
     def inspect(cache, ids):
         fresh = DynamicCache(config=model64.config)
-        model64(torch.tensor([ids]), past_key_values=fresh, use_cache=True)
+        model64(torch.tensor([ids]), **with_cache(model64, fresh), use_cache=True)
         assert cache.get_seq_length() == len(ids)
         for mine, theirs in zip(cache.layers, fresh.layers):
             assert torch.allclose(mine.keys, theirs.keys, atol=1e-10)

@@ -9,7 +9,7 @@ from peftlab.adapters import LoraConfig
 from peftlab.inject import set_active
 from peftlab.methods.bitune import (BIDIRECTIONAL, CAUSAL, Bitune, BituneConfig, BituneError, BituneObjective,
                                     add_bitune, align_prompts, detach, is_bitune, visibility)
-from peftlab.models import tiny_model
+from peftlab.models import output_cache, tiny_model
 
 P = 7  # prompt length of the test sequences (T = 12)
 
@@ -102,7 +102,7 @@ def test_mixed_cache_is_the_average_at_init(tokens):
     (causal, bidirectional), = seen
     for layer in range(2):
         expected = (causal.layers[layer].keys + bidirectional.layers[layer].keys) / 2
-        assert torch.allclose(out.past_key_values.layers[layer].keys[:, :, :P - 1], expected, atol=1e-6)
+        assert torch.allclose(output_cache(out).layers[layer].keys[:, :, :P - 1], expected, atol=1e-6)
 
 
 def test_masks():
@@ -130,8 +130,8 @@ def test_bidirectional_pass_sees_later_prompt_tokens_and_never_the_answer(tokens
     assert torch.equal(c0.layers[layer].keys[:, :, 0], c1.layers[layer].keys[:, :, 0])  # causal does not
     for layer in range(2):  # an answer token changes neither the prompt's keys/values nor the first answer logit
         for part in ("keys", "values"):
-            before = getattr(out["base"].past_key_values.layers[layer], part)[:, :, :P - 1]
-            after = getattr(out["answer"].past_key_values.layers[layer], part)[:, :, :P - 1]
+            before = getattr(output_cache(out["base"]).layers[layer], part)[:, :, :P - 1]
+            after = getattr(output_cache(out["answer"]).layers[layer], part)[:, :, :P - 1]
             assert torch.equal(before, after)
     assert torch.equal(out["base"].logits[:, :P + 1], out["answer"].logits[:, :P + 1])
 

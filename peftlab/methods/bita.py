@@ -46,6 +46,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from peftlab.adapters import AdapterConfigError
+from peftlab.models import with_cache
 from peftlab.train import Objective
 
 IGNORE_INDEX = -100
@@ -125,7 +126,7 @@ class Bita(nn.Module):
         prefix = F.dropout(self.prefix, self.config.prefix_dropout, self.training) if use_prefix else None
         with _attention_implementation(model):
             out = decoder(inputs_embeds=self.embed(decoder.embed_tokens, ids), attention_mask=sees[:, None],
-                          position_ids=positions, past_key_values=cache, use_cache=cache is not None,
+                          position_ids=positions, **with_cache(decoder, cache), use_cache=cache is not None,
                           bita_prefix=prefix)
         return out.last_hidden_state
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from peftlab.adapters import AdapterConfig, AdapterConfigError
 from peftlab.inject import add_adapter, adapter_layers, set_active
+from peftlab.models import output_cache, with_cache
 from peftlab.train import Objective, causal_lm_loss
 
 CAUSAL, BIDIRECTIONAL = "default", "prefill"  # the adapters' names, as in the original code
@@ -121,17 +122,17 @@ class Bitune(nn.Module):
         def prompt_pass(adapter, mask):
             self.use(adapter)
             return plain(**head, attention_mask=additive(mask, dtype), position_ids=position_ids[:, :p],
-                         past_key_values=DynamicCache(config=decoder.config), use_cache=True, **kwargs)
+                         **with_cache(decoder, DynamicCache(config=decoder.config)), use_cache=True, **kwargs)
 
         causal = prompt_pass(CAUSAL, causal_mask)
         bidirectional = prompt_pass(CAUSAL if self.config.shared_adapter else BIDIRECTIONAL, bidirectional_mask)
-        cache = self.mix(causal.past_key_values, bidirectional.past_key_values,
+        cache = self.mix(output_cache(causal), output_cache(bidirectional),
                          into=cache if cache is not None else DynamicCache(config=decoder.config))
         self.use(CAUSAL)
         final = plain(**tail, attention_mask=additive(sees[:, :, p:, :], dtype), position_ids=position_ids[:, p:],
-                      past_key_values=cache, use_cache=True, **kwargs)
+                      **with_cache(decoder, cache), use_cache=True, **kwargs)
         hidden = torch.cat([causal.last_hidden_state, final.last_hidden_state], dim=1)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=final.past_key_values,
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **with_cache(decoder, output_cache(final)),
                                        hidden_states=final.hidden_states, attentions=final.attentions)
 
 
@@ -165,6 +166,7 @@ def additive(sees: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _decoder_forward(decoder, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                      inputs_embeds=None, use_cache=None, prompt_length: int | None = None, **kwargs):
     """The decoder's forward on a Bitune model (bound to the decoder instance by ``attach``)."""
+    past_key_values = kwargs.pop("cache", past_key_values)  # the name transformers ≥ 5.24 passes it under
     bitune: Bitune = decoder.__dict__["peftlab_bitune"]
     plain = type(decoder).forward.__get__(decoder)
     tokens = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
@@ -178,7 +180,7 @@ def _decoder_forward(decoder, input_ids=None, attention_mask=None, position_ids=
     if continues or prompt_length < 2:  # cached decoding, or a prompt of one token: the plain causal forward
         bitune.use(CAUSAL)
         return plain(**tokens, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                     **with_cache(decoder, past_key_values), use_cache=use_cache, **kwargs)
     return bitune.prefill(plain, tokens, attention_mask, position_ids, past_key_values, prompt_length, kwargs)
 
 
@@ -266,9 +268,9 @@ def check_supported(model: nn.Module) -> None:
     try:
         with torch.no_grad():
             seen = [decoder(input_ids=probe, attention_mask=additive(mask, dtype), use_cache=True,
-                            past_key_values=DynamicCache(config=config))
+                            **with_cache(decoder, DynamicCache(config=config)))
                     for mask in (everything, everything.tril())]
-        layers = len(seen[0].past_key_values.layers)
+        layers = len(output_cache(seen[0]).layers)
     except Exception as err:  # noqa: BLE001 — any failure here means the model lacks what Bitune needs
         raise BituneError(f"{name} does not run with a 4-D attention mask and a DynamicCache "
                           f"({type(err).__name__}: {str(err).splitlines()[0][:160]}): Bitune needs both") from None
