@@ -133,3 +133,54 @@ def test_gpt2_conv1d_layers(tokens):
     assert (logits(model, tokens) - unmerged).abs().max() <= 1e-5
     unmerge(model)
     assert (logits(model, tokens) - unmerged).abs().max() <= 1e-5
+
+
+def _layer_and_grads(fused: bool, bias: bool, x_grad: bool, w_grad: bool, dropout: float = 0.0, train: bool = True):
+    """One LoRA layer's output and the gradients of every input, through the fused or the autograd path."""
+    from peftlab.adapters.lora import LoraAdapter
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 20, bias=bias).double()  # float64: the two paths agree to rounding
+    linear.requires_grad_(w_grad)
+    layer = AdapterLayer(linear)
+    adapter = LoraAdapter(LoraConfig(r=3, alpha=5.0, dropout=dropout), 12, 20)
+    adapter.reset_parameters()
+    torch.nn.init.normal_(adapter.lora_B)
+    adapter.double()
+    layer.adapters["default"] = adapter
+    layer.active = ("default",)
+    layer.train(train)
+    x = torch.randn(2, 7, 12, dtype=torch.float64, requires_grad=x_grad)
+    taken = []
+    original = LoraAdapter._fused
+    LoraAdapter._fused = lambda self, x, inner: taken.append(original(self, x, inner)) or (fused and taken[-1])
+    try:
+        torch.manual_seed(1)
+        y = layer(x)
+    finally:
+        LoraAdapter._fused = original
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    grads = [t.grad for t in (x, linear.weight, linear.bias, adapter.lora_A, adapter.lora_B)
+             if t is not None and t.grad is not None]
+    return y, grads, taken[0]
+
+
+@pytest.mark.parametrize("bias,x_grad,w_grad", [(False, True, False), (True, True, False), (True, False, False),
+                                                (False, True, True), (True, True, True)])
+def test_fused_layer_matches_autograd(bias, x_grad, w_grad):
+    """The hand-written backward of the fused LoRA layer gives autograd's output and gradients."""
+    y_ref, grads_ref, _ = _layer_and_grads(False, bias, x_grad, w_grad)
+    y, grads, fusable = _layer_and_grads(True, bias, x_grad, w_grad)
+    assert fusable, "a plain linear layer with a LoRA and no dropout should take the fused path"
+    assert torch.allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(grads_ref) == 2 + x_grad + bias * w_grad + w_grad
+    for g, g_ref in zip(grads, grads_ref):
+        assert torch.allclose(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_only_where_exact():
+    """Dropout in training, a booster, or autocast take the autograd path; dropout in eval fuses."""
+    assert not _layer_and_grads(True, False, True, False, dropout=0.1)[2]
+    assert _layer_and_grads(True, False, True, False, dropout=0.1, train=False)[2]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _layer_and_grads(True, False, True, False)[2]
