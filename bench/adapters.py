@@ -14,7 +14,7 @@ Variants, all on the same base model and batch, held in one process:
                 exact Cayley, as ours) and HRA (r 8, PEFT's default), the Householder method
                 closest to ETHER (HRA with r = 1 equals ETHER with one block on the input side).
 
-A step is forward with labels, backward, an AdamW step and zero_grad. After ``--warmup`` untimed
+A step is forward with labels, backward, a (fused) AdamW step and zero_grad. After ``--warmup`` untimed
 steps per variant, each of ``--rounds`` rounds times ``--steps-per-round`` steps of every variant,
 the order rotating each round; rounds during which other processes used the CPU are redone (see
 bench/common.py). Peak memory is measured per variant in a fresh subprocess, as in lora_step.py.
@@ -118,7 +118,7 @@ def build(name: str, args, input_ids):
         add_adapter(model, config_class(**OUR_OPTIONS.get(name, {})), seed=args.seed)
     model.to(args.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr) if params else None
+    optimizer = common.optimizer(params, args.lr)
     return model, optimizer, sum(p.numel() for p in params)
 
 

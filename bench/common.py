@@ -28,6 +28,18 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 
+# -- the step ---------------------------------------------------------------------------------
+
+def optimizer(params: list, lr: float) -> torch.optim.Optimizer | None:
+    """The training loop's AdamW (``peftlab.train.adamw``: torch's fused kernel where it has one), for
+    every variant of a benchmark alike; None when there is nothing to train (the frozen base)."""
+    from types import SimpleNamespace
+
+    from peftlab.train import adamw
+
+    return adamw([{"params": params}], SimpleNamespace(lr=lr, betas=(0.9, 0.999))) if params else None
+
+
 # -- timing ----------------------------------------------------------------------------------
 
 def synchronize(device: str | torch.device) -> None:

@@ -13,15 +13,16 @@ Three variants of the same base model are held in one process:
          the same target layers (checked: both wrap exactly the same modules and train the same
          number of parameters).
 
-A LoRA step is forward with labels on a fixed seeded random batch, ``loss.backward()``, an AdamW
+A LoRA step is forward with labels on a fixed seeded random batch, ``loss.backward()``, a (fused) AdamW
 step over the trainable parameters and ``zero_grad``. After ``--warmup`` untimed steps per variant,
 each of ``--rounds`` rounds times ``--steps-per-round`` steps of every variant, the order of the
 variants rotating each round so that slow drift is shared evenly. On a small shared machine other
 processes distort timings badly (an OpenMP team that loses a core can run several times slower), so
 each round first waits for a quiet machine and is redone (``--retries``) when other processes used
 more than ``--max-busy`` of the CPU while it ran; the JSON keeps the discarded rounds. The summary gives each
-variant's median step time and the ratios ours/base, peft/base and ours/peft (of the medians,
-and the spread of the per-round ratios).
+variant's median step time and the ratios ours/base, peft/base and ours/peft (of the medians, and
+the median and spread of the per-round ratios: on a machine whose speed drifts, many short rounds,
+e.g. ``--rounds 20 --steps-per-round 1``, and the per-round median give the steadier figure).
 
 Peak memory is measured per variant in a fresh subprocess (one variant loaded): on a GPU the peak
 ``torch.cuda.max_memory_allocated`` during the steps; on a CPU the growth of the peak resident set
@@ -154,7 +155,7 @@ def build_variant(name: str, args, input_ids) -> Variant:
         raise ValueError(name)
     model.to(args.device).train()  # dropout is 0 everywhere, but train mode is what fine-tuning runs in
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr) if params else None
+    optimizer = common.optimizer(params, args.lr)
     variant = Variant(name, model, optimizer, sum(p.numel() for p in params), wrapped)
     variant.step = _make_step(model, optimizer, input_ids)
     return variant
@@ -340,8 +341,10 @@ def summarize(times, args, memory) -> dict:
     for num, den in (("ours", "base"), ("peft", "base"), ("ours", "peft")):
         key = f"{num}/{den}"
         rounds = [a / b for a, b in zip(per_round[num], per_round[den])]
-        ratios[key] = {"ratio": med[num] / med[den], "round_min": min(rounds), "round_max": max(rounds),
-                       "per_round": rounds}
+        # the median of the per-round ratios pairs steps taken close together in time: on a machine whose
+        # speed drifts (other virtual machines on the host) it is steadier than the ratio of medians
+        ratios[key] = {"ratio": med[num] / med[den], "round_median": common.median(rounds),
+                       "round_min": min(rounds), "round_max": max(rounds), "per_round": rounds}
         if key in TARGETS:
             ratios[key]["target"] = TARGETS[key]
             ratios[key]["meets_target"] = ratios[key]["ratio"] <= TARGETS[key]
@@ -377,9 +380,11 @@ def render(summary, checks, memory) -> str:
             verdict = "meets" if r["meets_target"] else "misses"
             if r["round_min"] <= r["target"] < r["round_max"]:
                 verdict += " (rounds fall on both sides: within noise)"
-        ratio_rows.append([key, f"{r['ratio']:.3f}", f"{r['round_min']:.3f}–{r['round_max']:.3f}", target, verdict])
+        ratio_rows.append([key, f"{r['ratio']:.3f}", f"{r['round_median']:.3f}",
+                           f"{r['round_min']:.3f}–{r['round_max']:.3f}", target, verdict])
     return (common.format_table(header, rows) + "\n\n"
-            + common.format_table(["ratio", "of medians", "per-round range", "target", "verdict"], ratio_rows))
+            + common.format_table(["ratio", "of medians", "per-round median", "per-round range", "target", "verdict"],
+                                  ratio_rows))
 
 
 if __name__ == "__main__":
