@@ -106,8 +106,7 @@ def build(name: str, args, input_ids):
     model = load_model(args.model, dtype=args.dtype)
     model.config.use_cache = False
     if name == "base":
-        model.requires_grad_(False)
-        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+        common.activation_grads_only(model)
     elif name.startswith("peft-"):
         import peft
 

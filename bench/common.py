@@ -30,14 +30,24 @@ import torch
 
 # -- the step ---------------------------------------------------------------------------------
 
+def activation_grads_only(model: torch.nn.Module) -> torch.nn.Module:
+    """The frozen-base variant of the training benchmarks: every weight frozen, but the embedding output
+    is a leaf that requires grad, so backward runs through every layer (down to the embeddings) without
+    computing any weight gradient: the floor any adapter method pays."""
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+    return model
+
+
 def optimizer(params: list, lr: float) -> torch.optim.Optimizer | None:
     """The training loop's AdamW (``peftlab.train.adamw``: torch's fused kernel where it has one), for
     every variant of a benchmark alike; None when there is nothing to train (the frozen base)."""
     from types import SimpleNamespace
 
-    from peftlab.train import adamw
+    from peftlab.train import TrainConfig, adamw
 
-    return adamw([{"params": params}], SimpleNamespace(lr=lr, betas=(0.9, 0.999))) if params else None
+    config = SimpleNamespace(lr=lr, betas=TrainConfig.betas)  # the loop's default betas
+    return adamw([{"params": params}], config) if params else None
 
 
 # -- timing ----------------------------------------------------------------------------------

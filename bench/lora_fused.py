@@ -51,10 +51,10 @@ def main(argv=None):
     model = load_model(args.model)
     model.config.use_cache = False
     model.requires_grad_(False)
-    base = copy.deepcopy(model)
-    base.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+    base = common.activation_grads_only(copy.deepcopy(model))
     add_adapter(model, LoraConfig(r=args.r, alpha=2.0 * args.r), seed=0)
-    model.train(), base.train()
+    model.train()
+    base.train()
     optimizer = common.optimizer([q for q in model.parameters() if q.requires_grad], 1e-4)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     fused = LoraAdapter._fused

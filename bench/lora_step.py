@@ -133,10 +133,7 @@ def build_variant(name: str, args, input_ids) -> Variant:
     targets = target_spec(args.targets)
     wrapped: list[str] = []
     if name == "base":
-        model.requires_grad_(False)
-        # Activation gradients only: the embedding output is a leaf that requires grad, so backward
-        # runs through every layer (down to the embeddings) without computing any weight gradient.
-        model.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+        common.activation_grads_only(model)
     elif name == "ours":
         wrapped = add_adapter(model, LoraConfig(r=args.r, alpha=args.alpha, dropout=0.0, target_modules=targets),
                               seed=args.seed)

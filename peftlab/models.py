@@ -16,6 +16,7 @@ tokenizer entirely offline, for fast deterministic unit tests.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import inspect
@@ -167,10 +168,16 @@ def load_tokenizer(name: str = EMBEDDED_MODEL, padding_side: str = "right"):
     return tokenizer
 
 
+@functools.cache
+def _cache_argument(module_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"
+
+
 def cache_argument(module) -> str:
     """The keyword under which a model's forward takes the KV cache: ``cache`` from transformers 5.24 on,
-    ``past_key_values`` before (the old name still works there, with a deprecation warning)."""
-    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+    ``past_key_values`` before (the old name still works there, with a deprecation warning). Looked up
+    once per model class: decoders call this on every step."""
+    return _cache_argument(type(module))
 
 
 def with_cache(module, cache) -> dict:

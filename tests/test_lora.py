@@ -179,7 +179,7 @@ def test_fused_layer_matches_autograd(bias, x_grad, w_grad):
 
 
 def test_fused_path_only_where_exact():
-    """Dropout in training, a booster, or autocast take the autograd path; dropout in eval fuses."""
+    """Dropout in training and autocast take the autograd path; dropout in eval fuses."""
     assert not _layer_and_grads(True, False, True, False, dropout=0.1)[2]
     assert _layer_and_grads(True, False, True, False, dropout=0.1, train=False)[2]
     with torch.autocast("cpu", dtype=torch.bfloat16):
