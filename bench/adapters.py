@@ -191,6 +191,11 @@ def main(argv=None) -> dict:
                            "vs_base": ratio(counterpart, "base")["ratio"], **ratio(m, counterpart)}
         if m.startswith("ether") and "lora" in median:
             row["vs_our_lora"] = ratio(m, "lora")
+        base_peak = (memory or {}).get("base", {}).get("peak_mb")
+        if base_peak and row["peak_mb"]:
+            row["peak_vs_base"] = row["peak_mb"] / base_peak
+            if row.get("peft", {}).get("peak_mb"):
+                row["peft"]["peak_ratio"] = row["peak_mb"] / row["peft"]["peak_mb"]
         summary[m] = row
     result = {"benchmark": "adapters", "date": common.now_iso(), "machine": info,
               "command": "python bench/adapters.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -208,18 +213,21 @@ def main(argv=None) -> dict:
 
 def render(result) -> str:
     base = result["base"]
-    rows = [["frozen base", f"{base['median_step_s']:.3f}", "1.000", "–", "0",
-             f"{base['peak_mb']:.0f}" if base["peak_mb"] else "n/a", "–", "–"]]
+    rows = [["frozen base", f"{base['median_step_s']:.3f}", "1.000", "–", "0", _peak(base["peak_mb"], base["peak_mb"]),
+             "–", "–", "–"]]
     for m, row in result["summary"].items():
         vb = row["vs_base"]
         peft_row = row.get("peft")
         rows.append([m, f"{row['median_step_s']:.3f}", f"{vb['ratio']:.3f} ({vb['round_min']:.2f}–{vb['round_max']:.2f})",
                      "meets" if vb["meets_target"] else "misses", f"{row['trainable']:,}",
-                     f"{row['peak_mb']:.0f}" if row["peak_mb"] else "n/a",
-                     f"{peft_row['name']} {peft_row['median_step_s']:.3f}s ({peft_row['vs_base']:.2f}x base)" if peft_row else "–",
-                     f"{peft_row['ratio']:.3f}" if peft_row else "–"])
+                     _peak(row["peak_mb"], base["peak_mb"]),
+                     f"{peft_row['name']} {peft_row['median_step_s']:.3f}s ({peft_row['vs_base']:.2f}x base), "
+                     f"{_peak(peft_row['peak_mb'], base['peak_mb'])}" if peft_row else "–",
+                     f"{peft_row['ratio']:.3f}" if peft_row else "–",
+                     f"{row['peak_mb'] / peft_row['peak_mb']:.3f}" if peft_row and row["peak_mb"] and peft_row["peak_mb"] else "–"])
     table = common.format_table(["method", "median step (s)", f"vs base (target ≤ {TARGET_VS_BASE})", "verdict",
-                                 "trainable", "peak MB", "peft counterpart", "ours/peft"], rows)
+                                 "trainable", "peak MB (x base)", "peft counterpart: step, peak", "step ours/peft",
+                                 "peak ours/peft"], rows)
     notes = []
     for m, row in result["summary"].items():
         if "vs_our_lora" in row:
@@ -228,6 +236,13 @@ def render(result) -> str:
             speedup = 1 / row["peft"]["ratio"]
             notes.append(f"{m} is {speedup:.1f}x faster than peft HRA (target ≥ {1 / TARGET_ETHER_VS_HRA:.0f}x)")
     return table + ("\n\n" + "\n".join(notes) if notes else "")
+
+
+def _peak(peak_mb, base_mb) -> str:
+    """'2083 MB (1.15x)': a peak and its ratio to the frozen base's peak."""
+    if not peak_mb:
+        return "n/a"
+    return f"{peak_mb:.0f} ({peak_mb / base_mb:.2f}x)" if base_mb else f"{peak_mb:.0f}"
 
 
 def plot(result, path: Path) -> None:
