@@ -7,6 +7,7 @@ from torch import nn
 
 from conftest import check_merge_round_trip, logits, randomize_adapters
 from peftlab.adapters import AdapterConfigError, AdapterLayer, EtherConfig, EtherPlusConfig, EtherPlusHHConfig
+from peftlab.adapters.base import method_class
 from peftlab.adapters.ether import EtherAdapter, EtherPlusAdapter, EtherPlusHHAdapter, _BlockTransform
 from peftlab.inject import adapter_layers, add_adapter, merge
 from peftlab.models import tiny_model
@@ -129,6 +130,48 @@ def test_operators_are_true_block_diagonal_products(side, plus):
         assert torch.allclose(expected.t() @ expected, w.t() @ w, atol=1e-10)
     else:
         assert torch.allclose(expected @ expected.t(), w @ w.t(), atol=1e-10)
+
+
+@pytest.mark.parametrize("config_class,layer_name", [(EtherConfig, "m.down_proj"), (EtherConfig, "m.q_proj"),
+                                                     (EtherPlusConfig, "m.down_proj"), (EtherPlusConfig, "m.q_proj"),
+                                                     (EtherPlusHHConfig, "m.up_proj")])
+def test_weight_form_equals_activation_form(config_class, layer_name):
+    """Batches of at least as many tokens as outputs fold the blocks into the weight (blockwise.py): output and
+    the gradients of x, the vectors and the bias equal the activation form's, in float64."""
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 16).double()
+    linear.weight.requires_grad_(False)
+    adapter = method_class(config_class.method)(config_class(n_blocks=4), 24, 16, layer_name).double()
+    with torch.no_grad():
+        for transform in adapter.transforms():
+            transform.u.normal_()
+            if transform.v is not None:  # near v = −u, as trained from the init, so that H⁺ is invertible
+                transform.v.copy_(-transform.u + 0.5 * torch.randn_like(transform.u))
+    x = torch.randn(2, 10, 24, dtype=torch.float64)  # 20 tokens ≥ 16 outputs
+    weights = torch.randn(2, 10, 16, dtype=torch.float64)
+    params = [linear.bias, *adapter.parameters()]
+    assert adapter._folded(x, linear) is not None
+    results = []
+    for fold in (True, False):
+        adapter._folded = (lambda x, inner, f=EtherAdapter._folded.__get__(adapter): f(x, inner)) if fold else \
+            (lambda x, inner: None)
+        xi = x.clone().requires_grad_()
+        y = adapter(xi, linear)
+        results.append((y, *torch.autograd.grad((y * weights).sum(), [xi, *params])))
+    assert (results[0][0] - linear(x)).abs().max() > 0.05
+    for ours, reference in zip(*results):
+        assert (ours - reference).abs().max() <= 1e-6 * reference.abs().max()
+
+
+def test_weight_form_not_used_for_a_near_singular_ether_plus_block():
+    transform = reflection(plus=True)
+    assert transform.blocks() is not None
+    with torch.no_grad():  # v ⟂ u in one block: H⁺ is singular there, and has no inverse for the fold's backward
+        u = transform.u[1]
+        transform.v[1] -= (transform.v[1] @ u) / (u @ u) * u
+    assert transform.blocks() is None
+    H, inverse = reflection(plus=False).blocks()  # ETHER's reflection is its own inverse
+    assert torch.allclose(H @ inverse, torch.eye(4, dtype=torch.float64).expand_as(H), atol=1e-12)
 
 
 def test_input_side_differs_from_the_released_code_for_several_blocks():

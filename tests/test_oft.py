@@ -104,6 +104,47 @@ def test_forward_equals_dense_reference():
     assert (out - linear(x)).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_weight_side_form_equals_rotated_activations(dropout):
+    """A call with at least as many tokens as outputs rotates W instead of x (``_OftLinear``): the output and
+    the gradients of x, θ and the bias equal the activation form's (float64; R is orthogonal to fp32
+    rounding, which the weight form's ∂R relies on)."""
+    linear, layer, adapter = single_layer(OftConfig(block_size=16, dropout=dropout))
+    layer.double()
+    linear.weight.requires_grad_(False)
+    with torch.no_grad():
+        adapter.oft_R.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 16, 64, dtype=torch.float64)  # 64 tokens, 48 outputs
+    weights = torch.randn(4, 16, 48, dtype=torch.float64)
+    assert adapter._weight_side(x, linear)
+    results = []
+    for weight_side in (True, False):
+        adapter._weight_side = lambda x, inner, use=weight_side: use
+        torch.manual_seed(3)  # the same dropped blocks in both forms
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        results.append((y, *torch.autograd.grad((y * weights).sum(), [xi, adapter.oft_R, linear.bias])))
+    assert (results[0][0] - linear(x)).abs().max() > 0.05
+    for ours, reference in zip(*results):
+        assert (ours - reference).abs().max() <= 1e-6 * reference.abs().max()
+
+
+def test_weight_side_only_where_exact_and_worth_it():
+    linear, _, adapter = single_layer(OftConfig(block_size=16))
+    linear.weight.requires_grad_(False)
+    many, few = torch.randn(2, 32, 64), torch.randn(1, 8, 64)
+    assert adapter._weight_side(many, linear)
+    assert not adapter._weight_side(few, linear)  # decoding: fewer tokens than outputs keeps the activation form
+    assert not adapter._weight_side(many.double(), linear)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not adapter._weight_side(many, linear)
+    linear.weight.requires_grad_(True)  # a trainable weight needs its own gradient: the activation form
+    assert not adapter._weight_side(many, linear)
+    series_linear, _, series = single_layer(OftConfig(block_size=16, neumann_terms=5))
+    series_linear.weight.requires_grad_(False)
+    assert not series._weight_side(many, series_linear)  # the series is not orthogonal
+
+
 def test_merge_equals_unmerged_and_unmerge_restores(tiny, tokens):
     base_weights = {n: p.clone() for n, p in tiny.named_parameters()}
     add_adapter(tiny, OftConfig(block_size=32), seed=0)

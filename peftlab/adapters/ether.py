@@ -21,7 +21,10 @@ angular step size, so it is kept). ETHER therefore starts at a random reflection
 model (‖H − I‖_F = 2 per block); ETHER+ sets v = −u, so H⁺ = I exactly at the start.
 
 Training applies H to activations, never building a dense d×d matrix: H z = z + Q(Pᵀz) is two thin
-products per token. Merging is exact: W' = H_out W H_in, computed block by block; unmerging uses
+products per token. On batches of many tokens, the blocks are folded into the weight instead, H_out W H_in
+built per call from the b×b blocks (``peftlab.adapters.blockwise``, same values), whose backward needs
+each block's inverse: ETHER's reflection is its own; ETHER+'s comes from the Woodbury identity below, and
+where some block is near singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used. Merging is exact: W' = H_out W H_in, computed block by block; unmerging uses
 (I + QPᵀ)⁻¹ = I − Q(I + PᵀQ)⁻¹Pᵀ (ETHER's reflection is its own inverse). ETHER+ is not orthogonal:
 unmerging amplifies the merged weight's rounding by cond(H⁺) = (1 + |sin θ|)/(1 − |sin θ|), θ = ∠(u, v),
 which is small for a trained adapter (near v = −u) but unbounded as u ⟂ v, where H⁺ is singular. Because W' − W has rank
@@ -41,8 +44,11 @@ import torch
 from torch import nn
 
 from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, positive, register
+from peftlab.adapters.blockwise import folded_linear, worth_folding
 
 SIDES = ("auto", "in", "out")
+# The weight form inverts ETHER+'s blocks; with c = û·v̂, cond(H⁺) = (1 + √(1 − c²))/(1 − √(1 − c²)) ≤ 400 for |c| ≥ 0.1.
+MIN_COSINE = 0.1
 # Attention input projections, whose output side the paper transforms (one block per head when n = heads).
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj", "query_key_value", "Wqkv")
 
@@ -132,6 +138,20 @@ class _BlockTransform(nn.Module):
         small = torch.eye(p.shape[-1], dtype=p.dtype) + p.transpose(1, 2) @ q
         return p, -q @ torch.linalg.inv(small)  # singular only when ETHER+ has u ⟂ v (H⁺ not invertible)
 
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The dense blocks H_i = I + Q_i P_iᵀ and their inverses (a constant), each (n, b, b), for the weight
+        form; None where ETHER+ has a block too close to singular to invert accurately."""
+        p, q = self.factors()
+        H = torch.eye(p.shape[1], dtype=p.dtype, device=p.device) + q @ p.transpose(1, 2)
+        if not self.plus:
+            return H, H.detach()  # a reflection is its own inverse
+        with torch.no_grad():
+            if (p[..., 0] * p[..., 1]).sum(-1).abs().min() < MIN_COSINE:
+                return None
+            p_inverse, q_inverse = self.inverse_factors()
+            inverse = torch.eye(p.shape[1], dtype=torch.float64, device=p.device) + q_inverse @ p_inverse.transpose(1, 2)
+        return H, inverse.to(H.dtype)
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """P, Q as (d, n·k) block-structured matrices: H = I + Q Pᵀ."""
         p, q = self.factors()
@@ -184,12 +204,29 @@ class EtherAdapter(Adapter):
             transform.reset_parameters(generator)
 
     def forward(self, x, inner):
+        if worth_folding(x, inner):
+            folded = self._folded(x, inner)
+            if folded is not None:
+                return folded
         if self.h_in is not None:
             x = self.h_in.apply(x)
         y = inner(x)
         if self.h_out is not None:
             y = self.h_out.apply(y, shift=inner.bias)
         return y
+
+    def _folded(self, x, inner):
+        """H_out W H_in x + b with the blocks folded into the weight, or None where a block is not invertible."""
+        sides = {}
+        for side, transform in (("in", self.h_in), ("out", self.h_out)):
+            if transform is not None:
+                blocks = transform.blocks()
+                if blocks is None:
+                    return None
+                sides[side] = [t.to(x.dtype) for t in blocks]
+        blocks_in, inverse_in = sides.get("in", (None, None))
+        blocks_out, inverse_out = sides.get("out", (None, None))
+        return folded_linear(x, inner, blocks_in, inverse_in, blocks_out, inverse_out)
 
     # -- merging: W' = H_out W H_in, block by block ------------------------------------------------
     def _transform_weight(self, weight: torch.Tensor, inverse: bool) -> torch.Tensor:

@@ -22,6 +22,10 @@ the power m = max(T − 1, 3) (T = 2 gives I + 2S):
 so R_r is only approximately orthogonal, and unmerging solves with it instead of using R_rᵀ. It is
 here so that PEFT's default OFT adapters import and export exactly; the exact transform stays ours.
 
+Training speed: on batches of many tokens the rotation is folded into the weight, W·blockdiag(R)ᵀ built
+per call, instead of rotating every token's blocks (``peftlab.adapters.blockwise``; same values, the
+gradient of R using RᵀR = I, so only for the exact transform). Decoding keeps the rotation on activations.
+
 Everything follows PEFT's ``OFTRotationModule`` (parameter layout, Cayley sign, orientation, series,
 COFT projection), so an adapter exchanges with PEFT as a renaming. Deliberate
 differences: the Cayley solve always runs in fp32; a block size that does not divide a layer's input
@@ -43,6 +47,7 @@ import torch
 from torch import nn
 
 from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, in_range, positive, register
+from peftlab.adapters.blockwise import folded_linear, worth_folding
 
 
 @dataclass(frozen=True)
@@ -157,8 +162,16 @@ class OftAdapter(Adapter):
             dropped = torch.zeros(self.n_blocks, dtype=torch.bool, device=R.device)
             dropped[torch.randperm(self.n_blocks, device=R.device)[:int(self.config.dropout * self.n_blocks)]] = True
             R = torch.where(dropped[:, None, None], torch.eye(self.block_size, device=R.device), R)
+        R = R.to(x.dtype)
+        if self._weight_side(x, inner):  # W·blockdiag(R)ᵀ: input blocks Rᵀ, whose inverse is R
+            return folded_linear(x, inner, blocks_in=R.transpose(1, 2), inverse_in=R.detach())
         blocks = x.reshape(*x.shape[:-1], self.n_blocks, self.block_size)
-        return inner(torch.einsum("...nk,nkc->...nc", blocks, R.to(x.dtype)).reshape(x.shape))
+        return inner(torch.einsum("...nk,nkc->...nc", blocks, R).reshape(x.shape))
+
+    def _weight_side(self, x, inner) -> bool:
+        """Fold the rotation into the weight: where that pays (blockwise.worth_folding) and R is orthogonal
+        (the exact transform; the series is not)."""
+        return not self.config.neumann_terms and worth_folding(x, inner)
 
     # W·blockdiag(R)ᵀ: row o, block r of W becomes W[o, r] R_rᵀ; unmerging multiplies by R_r⁻ᵀ, which
     # is R_r itself for the exact transform and a solve (in fp64) for the series, which is not orthogonal.
