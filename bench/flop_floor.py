@@ -14,7 +14,9 @@ multiply-adds, for the configurations bench/adapters.py times (same targets and 
   lora (r)      h = A x, B h; g_h = Bᵀ g, ∂x += Aᵀ g_h, ∂A, ∂B                 3·r·(in + out)
   vera (r)      A x, B h (A, B frozen); ∂h = Bᵀ(b ⊙ g), ∂x += Aᵀ(d ⊙ ∂h)      2·r·(in + out)
   oft (b)       each input block rotated, forward and in ∂x, and ∂R          3·b·in
-                + the Cayley transform, (in/b) solves of b×b per step, spread over the step's tokens
+                or, folded into the weight (T tokens a step): ∂R's product, and
+                W·blockdiag(R)ᵀ built forward and backward                 b·in·(1 + 2·out/T)
+                whichever is less, + the Cayley transform, (in/b) solves of b×b per step over T tokens
   ether (k = 1), etherplus (k = 2), per transformed side of width d: project and expand forward,
                 the same for the gradient, ∂P and ∂Q                        6·k·d
   bottleneck (m, post)  D z, U φ; ∂z through U and D; ∂U, ∂D                   6·m·out
@@ -79,7 +81,7 @@ def extra_macs(method: str, config, name: str, in_features: int, out_features: i
     if method == "oft":
         b = config.block_size
         cayley = (in_features // b) * (8 / 3) * b ** 3  # per block: LU (b³/3) and a b-column solve (b³), twice (backward)
-        return 3 * b * in_features + cayley / tokens
+        return b * in_features * min(3, 1 + 2 * out_features / tokens) + cayley / tokens
     if method in ("ether", "etherplus", "etherplus_hh"):
         k = 1 if method == "ether" else 2
         widths = {"in": in_features, "out": out_features}
