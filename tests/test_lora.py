@@ -178,6 +178,35 @@ def test_fused_layer_matches_autograd(bias, x_grad, w_grad):
         assert torch.allclose(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("folded", [True, False])
+@pytest.mark.parametrize("bias,w_grad", [(False, False), (True, False), (True, True)])
+def test_folded_and_accumulating_forms_match_autograd(folded, bias, w_grad):
+    """Both forms of the fused layer (the update folded into the weight, or accumulated into the output)
+    give autograd's output and gradients for y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, in float64."""
+    from peftlab.adapters.lora import _LoraLinear
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, A, B = (torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
+                       for shape in ((3, 5, 12), (20, 12), (4, 12), (20, 4)))
+    weight.requires_grad_(w_grad)
+    b = torch.randn(20, dtype=torch.float64, generator=generator, requires_grad=True) if bias else None
+    inputs = [t for t in (x, weight, b, A, B) if t is not None and t.requires_grad]
+    weights = torch.randn(3, 5, 20, dtype=torch.float64, generator=generator)
+    reference = torch.nn.functional.linear(x, weight, b) + 2.5 * (x @ A.t()) @ B.t()
+    ours = _LoraLinear.apply(x, weight, b, A, B, 2.5, folded)
+    assert (ours - reference).abs().max() <= 1e-12
+    for g, g_ref in zip(torch.autograd.grad((ours * weights).sum(), inputs),
+                        torch.autograd.grad((reference * weights).sum(), inputs)):
+        assert (g - g_ref).abs().max() <= 1e-12 * g_ref.abs().max()
+
+
+def test_folds_once_tokens_outnumber_outputs():
+    from peftlab.adapters.lora import folds
+
+    linear = torch.nn.Linear(12, 20)
+    assert folds(torch.randn(4, 5, 12), linear) and not folds(torch.randn(1, 19, 12), linear)
+
+
 def test_fused_path_only_where_exact():
     """Dropout in training and autocast take the autograd path; dropout in eval fuses."""
     assert not _layer_and_grads(True, False, True, False, dropout=0.1)[2]

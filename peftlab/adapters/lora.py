@@ -14,8 +14,11 @@ function whose backward is written out,
     g_h = s·g B     ∂A = g_hᵀ x     ∂B = s·gᵀ h     ∂x = g W + g_h A        (h = x Aᵀ, g = ∂L/∂y)
 
 so that every rank-r product runs in the layout that is fast for it and g_h A accumulates into g W
-in place (see ``_LoraLinear``). The other cases (dropout, a booster, mixed precision, a layer under
-another adapter) take the plain autograd form, with the same values.
+in place (see ``_LoraLinear``). On calls with at least as many tokens as outputs (training batches) the
+update is folded into the weight instead, y = x (W + s·BA)ᵀ + b and ∂x = g (W + s·BA), W + s·BA built
+per call: the two output-sized accumulations become two weight-sized ones, fewer once the tokens
+outnumber the outputs. The other cases (dropout, a booster, mixed precision, a layer under another
+adapter) take the plain autograd form, with the same values.
 """
 from __future__ import annotations
 
@@ -34,27 +37,41 @@ class _LoraLinear(torch.autograd.Function):
     form run 2-6× slower than (Bᵀ gᵀ)ᵀ and (hᵀ g)ᵀ, and it sums ∂x from two separate tensors."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, folded):
         x2 = x.reshape(-1, x.shape[-1])
-        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-        h = (lora_A @ x2.t()).t()  # column-major (tokens × r): the fast layout for ∂B below
-        y.addmm_(h, lora_B.t(), alpha=scaling)
+        w = torch.addmm(weight, lora_B, lora_A, alpha=scaling) if folded else weight
+        y = x2 @ w.t() if bias is None else torch.addmm(bias, x2, w.t())
+        h = None
+        if not folded:
+            h = (lora_A @ x2.t()).t()  # column-major (tokens × r): the fast layout for ∂B below
+            y.addmm_(h, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, h)
-        ctx.scaling, ctx.x_shape = scaling, x.shape
+        ctx.scaling, ctx.x_shape, ctx.folded = scaling, x.shape, folded
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x2, weight, lora_A, lora_B, h = ctx.saved_tensors
-        need_x, need_w, need_b, need_A, need_B, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_A, need_B, _, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         g_h = (lora_B.t().mul(ctx.scaling) @ g.t()).t()
-        grad_x = (g @ weight).addmm_(g_h, lora_A).view(ctx.x_shape) if need_x else None
+        grad_x = None
+        if need_x and ctx.folded:  # W + s·BA rebuilt rather than kept: a weight-sized copy per layer
+            grad_x = (g @ torch.addmm(weight, lora_B, lora_A, alpha=ctx.scaling)).view(ctx.x_shape)
+        elif need_x:
+            grad_x = (g @ weight).addmm_(g_h, lora_A).view(ctx.x_shape)
         grad_w = g.t() @ x2 if need_w else None
         grad_b = g.sum(0) if need_b else None
         grad_A = g_h.t() @ x2 if need_A else None
+        if need_B and h is None:
+            h = (lora_A @ x2.t()).t()
         grad_B = (h.t() @ g).mul_(ctx.scaling).t() if need_B else None
-        return grad_x, grad_w, grad_b, grad_A, grad_B, None
+        return grad_x, grad_w, grad_b, grad_A, grad_B, None, None
+
+
+def folds(x: torch.Tensor, inner: nn.Linear) -> bool:
+    """Whether ``_LoraLinear`` folds the update into the weight: a call with at least as many tokens as outputs."""
+    return x.numel() >= inner.weight.numel()
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,8 @@ class LoraAdapter(Adapter):
 
     def forward(self, x, inner):
         if self._fused(x, inner):
-            return _LoraLinear.apply(x, inner.weight, inner.bias, self.lora_A, self.lora_B, self.scaling)
+            return _LoraLinear.apply(x, inner.weight, inner.bias, self.lora_A, self.lora_B, self.scaling,
+                                     folds(x, inner))
         result = inner(x)
         x2 = self.dropout(self.branch(x)).reshape(-1, self.in_features)
         # h = x Aᵀ is computed as (A xᵀ)ᵀ, a column-major (tokens × r) matrix: with it and a contiguous Bᵀ,
