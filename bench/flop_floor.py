@@ -12,6 +12,9 @@ multiply-adds, for the configurations bench/adapters.py times (same targets and 
                 2·in·out; attention scores and values: forward 2·seq·d, backward twice that
                 (the weight gradients are not computed: activation gradients only).
   lora (r)      h = A x, B h; g_h = Bᵀ g, ∂x += Aᵀ g_h, ∂A, ∂B                 3·r·(in + out)
+                or, folded into the weight (T tokens a step): W + s·BA built
+                forward and backward, h, g_h, ∂A, ∂B               2·r·(in + out) + 2·r·in·out/T
+                whichever is less
   vera (r)      A x, B h (A, B frozen); ∂h = Bᵀ(b ⊙ g), ∂x += Aᵀ(d ⊙ ∂h)      2·r·(in + out)
   oft (b)       each input block rotated, forward and in ∂x, and ∂R          3·b·in
                 or, folded into the weight (T tokens a step): ∂R's product, and
@@ -75,7 +78,8 @@ def _linear_shapes(model) -> dict[str, tuple[int, int]]:
 def extra_macs(method: str, config, name: str, in_features: int, out_features: int, tokens: int) -> float:
     """The method's fewest extra multiply-adds per token on one layer (the formulas of the module docstring)."""
     if method == "lora":
-        return 3 * config.r * (in_features + out_features)
+        r = config.r
+        return min(3 * r * (in_features + out_features), 2 * r * (in_features + out_features + in_features * out_features / tokens))
     if method == "vera":
         return 2 * config.r * (in_features + out_features)
     if method == "oft":
