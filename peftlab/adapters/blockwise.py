@@ -23,10 +23,16 @@ import torch
 from torch import nn
 
 
+def pays_to_fold(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether building a weight-sized matrix per call costs less than per-token work: at least as many
+    tokens in ``x`` as the layer has outputs (training batches; not decoding). Shared with LoRA's fold."""
+    return x.numel() >= weight.numel()
+
+
 def worth_folding(x: torch.Tensor, inner) -> bool:
-    """Whether the weight form applies and pays: a plain frozen ``nn.Linear``, at least as many tokens as
-    outputs, one dtype, and no autocast (whose casts the function would skip)."""
-    return (type(inner) is nn.Linear and not inner.weight.requires_grad and x.numel() >= inner.weight.numel()
+    """Whether the weight form applies and pays: a plain frozen ``nn.Linear``, ``pays_to_fold``, one dtype,
+    and no autocast (whose casts the function would skip)."""
+    return (type(inner) is nn.Linear and not inner.weight.requires_grad and pays_to_fold(x, inner.weight)
             and x.dtype == inner.weight.dtype and not torch.is_autocast_enabled(x.device.type))
 
 

@@ -24,7 +24,9 @@ Training applies H to activations, never building a dense d×d matrix: H z = z +
 products per token. On batches of many tokens, the blocks are folded into the weight instead, H_out W H_in
 built per call from the b×b blocks (``peftlab.adapters.blockwise``, same values), whose backward needs
 each block's inverse: ETHER's reflection is its own; ETHER+'s comes from the Woodbury identity below, and
-where some block is near singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used. Merging is exact: W' = H_out W H_in, computed block by block; unmerging uses
+where some block is near singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used.
+
+Merging is exact: W' = H_out W H_in, computed block by block; unmerging uses
 (I + QPᵀ)⁻¹ = I − Q(I + PᵀQ)⁻¹Pᵀ (ETHER's reflection is its own inverse). ETHER+ is not orthogonal:
 unmerging amplifies the merged weight's rounding by cond(H⁺) = (1 + |sin θ|)/(1 − |sin θ|), θ = ∠(u, v),
 which is small for a trained adapter (near v = −u) but unbounded as u ⟂ v, where H⁺ is singular. Because W' − W has rank

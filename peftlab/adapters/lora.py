@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, in_range, positive, register
+from peftlab.adapters.blockwise import pays_to_fold
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -70,8 +71,8 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def folds(x: torch.Tensor, inner: nn.Linear) -> bool:
-    """Whether ``_LoraLinear`` folds the update into the weight: a call with at least as many tokens as outputs."""
-    return x.numel() >= inner.weight.numel()
+    """Whether ``_LoraLinear`` folds the update into the weight: where that pays (blockwise.pays_to_fold)."""
+    return pays_to_fold(x, inner.weight)
 
 
 @dataclass(frozen=True)
