@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
@@ -216,6 +216,45 @@ class Adapter(nn.Module):
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight - self.delta_weight().to(weight.dtype)
+
+
+# Switch for benchmarks and debugging: False recomputes every derived tensor on every call, as in training.
+INFERENCE_CACHE = True
+
+
+def inference_cached(module: nn.Module, name: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, tensors derived from ``module``'s parameters (OFT's rotation, ETHER's unit vectors),
+    kept on the module while autograd is off and reused until a parameter changes.
+
+    Generation and evaluation run the adapters unmerged, one forward per new token, and rebuilding such a
+    tensor per call costs more than the adapter's own work on a few tokens (OFT's Cayley solves: the
+    embedded model decoded 3× slower than its base). With autograd on (training) it is computed each call,
+    as the graph needs. A parameter changes by an in-place update (optimizer step, ``load_state_dict``,
+    ``copy_``: its version counter moves) or by being replaced (``.to(device)``, ``p.data = ...``): either is
+    seen, and the tensor is recomputed. (Writing through ``p.data.copy_`` bypasses the version counter: not seen.)
+    """
+    if torch.is_grad_enabled() or not INFERENCE_CACHE:
+        module.__dict__.pop("_inference_cache", None)  # training resumed: what evaluation kept is stale soon
+        return compute()
+    cache = module.__dict__.setdefault("_inference_cache", {})
+    hit = cache.get(name)
+    if hit is not None and _unchanged(hit[0], module):
+        return hit[1]
+    value = compute()
+    # The state is read after compute(), which may itself update a parameter (COFT's projection).
+    cache[name] = (_parameter_state(module), value)
+    return value
+
+
+def _parameter_state(module: nn.Module) -> list:
+    # The tensors are held with their addresses: while held, their memory cannot go to a new tensor, whose
+    # address and version counter could otherwise match a stale entry (functional_call's swapped tensors).
+    return [(p, p._version, p.data_ptr()) for p in module.parameters()]
+
+
+def _unchanged(state: list, module: nn.Module) -> bool:
+    now = _parameter_state(module)
+    return len(now) == len(state) and all(a[1:] == b[1:] for a, b in zip(now, state))
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:

@@ -25,6 +25,8 @@ products per token. On batches of many tokens, the blocks are folded into the we
 built per call from the b×b blocks (``peftlab.adapters.blockwise``, same values), whose backward needs
 each block's inverse: ETHER's reflection is its own; ETHER+'s comes from the Woodbury identity below, and
 where some block is near singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used.
+While autograd is off (generation, evaluation), û, v̂ and the blocks are computed once and reused until a
+parameter changes (``base.inference_cached``).
 
 Merging is exact: W' = H_out W H_in, computed block by block; unmerging uses
 (I + QPᵀ)⁻¹ = I − Q(I + PᵀQ)⁻¹Pᵀ (ETHER's reflection is its own inverse). ETHER+ is not orthogonal:
@@ -45,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, positive, register
+from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, inference_cached, positive, register
 from peftlab.adapters.blockwise import folded_linear, worth_folding
 
 SIDES = ("auto", "in", "out")
@@ -166,7 +168,7 @@ class _BlockTransform(nn.Module):
         512 tokens, d = 576, n = 32): ETHER's single vector broadcasts (1.4 ms against 2.3 ms for a dense
         block-structured GEMM); ETHER+'s pairs go through one batched matmul per block (2.6 ms against 3.8 ms).
         """
-        p, q = self.factors()
+        p, q = inference_cached(self, "factors", self.factors)
         p, q = p.to(z.dtype), q.to(z.dtype)
         n, b, k = p.shape
         blocks = z.reshape(-1, n, b)
@@ -222,7 +224,7 @@ class EtherAdapter(Adapter):
         sides = {}
         for side, transform in (("in", self.h_in), ("out", self.h_out)):
             if transform is not None:
-                blocks = transform.blocks()
+                blocks = inference_cached(transform, "blocks", transform.blocks)
                 if blocks is None:
                     return None
                 sides[side] = [t.to(x.dtype) for t in blocks]

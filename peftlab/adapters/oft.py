@@ -24,7 +24,8 @@ here so that PEFT's default OFT adapters import and export exactly; the exact tr
 
 Training speed: on batches of many tokens the rotation is folded into the weight, W·blockdiag(R)ᵀ built
 per call, instead of rotating every token's blocks (``peftlab.adapters.blockwise``; same values, the
-gradient of R using RᵀR = I, so only for the exact transform). Decoding keeps the rotation on activations.
+gradient of R using RᵀR = I, so only for the exact transform). Decoding keeps the rotation on activations,
+with R solved once and reused while autograd is off and θ unchanged (``base.inference_cached``).
 
 Everything follows PEFT's ``OFTRotationModule`` (parameter layout, Cayley sign, orientation, series,
 COFT projection), so an adapter exchanges with PEFT as a renaming. Deliberate
@@ -46,7 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, in_range, positive, register
+from peftlab.adapters.base import (Adapter, AdapterConfig, AdapterConfigError, in_range, inference_cached, positive,
+                                   register)
 from peftlab.adapters.blockwise import folded_linear, worth_folding
 
 
@@ -157,7 +159,7 @@ class OftAdapter(Adapter):
         return cayley(theta, self.block_size, self.triu)
 
     def forward(self, x, inner):
-        R = self.rotation()
+        R = inference_cached(self, "rotation", self.rotation)
         if self.training and self.config.dropout > 0:  # PEFT's MultiplicativeDropoutLayer: int(p·n) blocks → I
             dropped = torch.zeros(self.n_blocks, dtype=torch.bool, device=R.device)
             dropped[torch.randperm(self.n_blocks, device=R.device)[:int(self.config.dropout * self.n_blocks)]] = True
