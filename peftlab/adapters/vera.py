@@ -14,6 +14,9 @@ No α/r scale: the paper tunes the learning rate (≈10× LoRA's) instead.
 Differences from PEFT: A and B are not module buffers but one memoised copy per (seed, shape, device,
 dtype), regenerated from the seed and never written to peftlab's adapter file; the PEFT export does
 write them (``save_projection=True``). The merge computes ΔW in float32 on every device.
+
+Λ_b multiplies B (out × r numbers) on calls with more than r tokens, and the outputs (tokens × out) on
+calls with fewer, such as decoding: whichever is smaller.
 """
 from __future__ import annotations
 
@@ -125,8 +128,11 @@ class VeraAdapter(Adapter):
         b, d = self.lambda_b.to(result.dtype), self.lambda_d.to(result.dtype)
         x2 = self.dropout(self.branch(x)).reshape(-1, self.in_features)
         h = (x2 @ A.t()) * d  # Λ_d A x, (tokens × r)
+        result2 = result.reshape(-1, self.out_features)
+        if x2.shape[0] <= self.config.r:  # decoding: Λ_b scales the few tokens' outputs, not all of B
+            return result2.addcmul(h @ B.t(), b).view(result.shape)
         # W0 x + Λ_b B h as one GEMM: Λ_b folds into B (out × r), never into a per-token tensor.
-        out = torch.addmm(result.reshape(-1, self.out_features), h, (b[:, None] * B).t())
+        out = torch.addmm(result2, h, (b[:, None] * B).t())
         return out.view(result.shape)
 
     def delta_weight(self):  # ΔW = Λ_b B_s Λ_d A_s, in float32 (merged_weight casts to the weight's dtype)
