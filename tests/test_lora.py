@@ -213,3 +213,24 @@ def test_fused_path_only_where_exact():
     assert _layer_and_grads(True, False, True, False, dropout=0.1, train=False)[2]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not _layer_and_grads(True, False, True, False)[2]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_inference_form_equals_training_form(bias):
+    """Without autograd (generation) the layer adds s·(x Aᵀ)Bᵀ in place of the fused function: same values."""
+    from peftlab.adapters.lora import LoraAdapter
+
+    generator = torch.Generator().manual_seed(0)
+    layer = AdapterLayer(torch.nn.Linear(12, 20, bias=bias).double().requires_grad_(False))
+    adapter = LoraAdapter(LoraConfig(r=4, alpha=10.0), 12, 20, "proj").double()
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float64, generator=generator))
+    layer.adapters["default"], layer.active = adapter, ("default",)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, generator=generator)
+    reference = layer.base(x) + 2.5 * (x @ adapter.lora_A.t()) @ adapter.lora_B.t()
+    trained = layer(x)  # autograd on: the fused function
+    with torch.no_grad():
+        generated = layer(x)
+    assert trained.grad_fn is not None and generated.grad_fn is None
+    assert (trained - reference).abs().max() <= 1e-12 and (generated - reference).abs().max() <= 1e-12

@@ -17,8 +17,9 @@ so that every rank-r product runs in the layout that is fast for it and g_h A ac
 in place (see ``_LoraLinear``). On calls with at least as many tokens as outputs (training batches) the
 update is folded into the weight instead, y = x (W + s·BA)ᵀ + b and ∂x = g (W + s·BA), W + s·BA built
 per call: the two output-sized accumulations become two weight-sized ones, fewer once the tokens
-outnumber the outputs. The other cases (dropout, a booster, mixed precision, a layer under another
-adapter) take the plain autograd form, with the same values.
+outnumber the outputs. Without autograd (generation) the layer adds s·(x Aᵀ)Bᵀ to W x in place instead.
+The other cases (dropout, a booster, mixed precision, a layer under another adapter) take the plain
+autograd form, with the same values.
 """
 from __future__ import annotations
 
@@ -111,6 +112,11 @@ class LoraAdapter(Adapter):
 
     def forward(self, x, inner):
         if self._fused(x, inner):
+            if not torch.is_grad_enabled():  # generation: the same sum without an autograd function's overhead
+                y = inner(x)
+                y.view(-1, self.out_features).addmm_(x.reshape(-1, self.in_features) @ self.lora_A.t(),
+                                                     self.lora_B.t(), alpha=self.scaling)
+                return y
             return _LoraLinear.apply(x, inner.weight, inner.bias, self.lora_A, self.lora_B, self.scaling,
                                      folds(x, inner))
         result = inner(x)
