@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from lora_step import _make_step, assert_frozen_base, make_batch, quiet_libraries, require  # noqa: E402
 
-from peftlab.adapters import method_class  # noqa: E402
+from peftlab.adapters import AdapterConfigError, method_class  # noqa: E402
 from peftlab.inject import add_adapter  # noqa: E402
 from peftlab.models import EMBEDDED_MODEL, load_model  # noqa: E402
 
@@ -48,12 +48,29 @@ TARGET_VS_BASE = 1.08
 TARGET_ETHER_VS_HRA = 1 / 4  # at least 4x faster than peft's HRA
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_variant_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --methods and --no-peft (shared with bench/decode.py)."""
     p.add_argument("--model", default=EMBEDDED_MODEL)
     p.add_argument("--methods", default=",".join(OURS), help="peftlab methods to time (default: all)")
     p.add_argument("--no-peft", action="store_true", help="skip the peft variants")
+
+
+def check_variant_arguments(p: argparse.ArgumentParser, args) -> None:
+    """--methods as a list of known methods, and at least 3 rounds."""
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in args.methods:
+        try:
+            method_class(m)
+        except AdapterConfigError as err:  # an unknown name: one line, with the list of methods
+            p.error(f"--methods: {err}")
+    if args.rounds < 3:
+        p.error("--rounds must be at least 3")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_variant_arguments(p)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3, help="round-robin rounds, >= 3 (default: %(default)s)")
@@ -71,11 +88,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="bench/results/adapters.json")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in args.methods:
-        method_class(m)  # unknown names fail here, with the list of methods
-    if args.rounds < 3:
-        p.error("--rounds must be at least 3")
+    check_variant_arguments(p, args)
     return args
 
 
@@ -203,11 +216,7 @@ def main(argv=None) -> dict:
               "variants": names, "initial_loss": initial_loss, "step_seconds": times,
               "base": {"median_step_s": median["base"], "peak_mb": (memory or {}).get("base", {}) and memory["base"]["peak_mb"]},
               "discarded_busy_rounds": discarded, "memory": memory, "summary": summary}
-    path = common.write_json(args.out, result)
-    print()
-    print(render(result))
-    plot(result, path.with_suffix(".png"))
-    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    common.publish(result, args.out, render, plot)
     return result
 
 

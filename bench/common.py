@@ -348,6 +348,16 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
+def publish(result: dict, out: str | Path, render: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> Path:
+    """Write ``result`` to ``out`` (JSON), print its table and draw its chart beside it (PNG)."""
+    path = write_json(out, result)
+    print()
+    print(render(result))
+    plot(result, path.with_suffix(".png"))
+    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    return path
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table (also readable on a terminal)."""
     cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]

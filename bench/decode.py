@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from adapters import OUR_OPTIONS, OURS, PEFT_COUNTERPART, _peft_config  # noqa: E402
+from adapters import OUR_OPTIONS, PEFT_COUNTERPART, _peft_config, add_variant_arguments, check_variant_arguments  # noqa: E402,E501
 from lora_step import quiet_libraries, require  # noqa: E402
 
 from peftlab.adapters import base as adapter_base  # noqa: E402
 from peftlab.adapters import method_class  # noqa: E402
 from peftlab.inject import add_adapter  # noqa: E402
-from peftlab.models import EMBEDDED_MODEL, load_model  # noqa: E402
+from peftlab.models import load_model  # noqa: E402
 
 CACHED = ("oft", "ether", "etherplus", "etherplus_hh")  # the methods that derive tensors from their parameters
 
@@ -42,9 +42,7 @@ CACHED = ("oft", "ether", "etherplus", "etherplus_hh")  # the methods that deriv
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=EMBEDDED_MODEL)
-    p.add_argument("--methods", default=",".join(OURS), help="peftlab methods to time (default: all)")
-    p.add_argument("--no-peft", action="store_true", help="skip the peft variants")
+    add_variant_arguments(p)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -53,11 +51,7 @@ def parse_args(argv=None):
     common.add_timing_arguments(p, rounds=3)
     p.add_argument("--out", default="bench/results/decode.json")
     args = p.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in args.methods:
-        method_class(m)  # unknown names fail here, with the list of methods
-    if args.rounds < 3:
-        p.error("--rounds must be at least 3")
+    check_variant_arguments(p, args)
     if args.new_tokens < 2 or args.prompt_tokens < 1:
         p.error("--new-tokens must be at least 2 and --prompt-tokens at least 1")
     return args
@@ -140,11 +134,7 @@ def main(argv=None) -> dict:
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "variants": names,
               "seconds_per_token": per_token, "orders": run["orders"], "discarded_busy_rounds": run["discarded"],
               "base": {"ms_per_token": 1e3 * median["base"]}, "summary": summary}
-    path = common.write_json(args.out, result)
-    print()
-    print(render(result))
-    plot(result, path.with_suffix(".png"))
-    print(f"\nwrote {path} and {path.with_suffix('.png')}")
+    common.publish(result, args.out, render, plot)
     return result
 
 
