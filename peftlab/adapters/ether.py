@@ -141,9 +141,11 @@ class _BlockTransform(nn.Module):
         v = _unit(self.v.to(dtype))
         return torch.stack((u, v), -1), torch.stack((-u, v), -1)
 
-    def inverse_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, Q') with H_i⁻¹ = I + Q'_i P_iᵀ: Woodbury, Q' = −Q(I + PᵀQ)⁻¹, in float64."""
-        p, q = (t.double() for t in self.factors())
+    def inverse_factors(self, factors: tuple[torch.Tensor, torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Q') with H_i⁻¹ = I + Q'_i P_iᵀ: Woodbury, Q' = −Q(I + PᵀQ)⁻¹, in float64; from ``factors``
+        (``self.factors()``) when the caller has them."""
+        p, q = (t.double() for t in (factors or self.factors()))
         small = torch.eye(p.shape[-1], dtype=p.dtype) + p.transpose(1, 2) @ q
         return p, -q @ torch.linalg.inv(small)  # singular only when ETHER+ has u ⟂ v (H⁺ not invertible)
 
@@ -157,8 +159,7 @@ class _BlockTransform(nn.Module):
         with torch.no_grad():
             if (p[..., 0] * p[..., 1]).sum(-1).abs().min() < MIN_COSINE:
                 return None
-            p_inverse, q_inverse = self.inverse_factors()
-            inverse = torch.eye(p.shape[1], dtype=torch.float64, device=p.device) + q_inverse @ p_inverse.transpose(1, 2)
+            inverse = _dense_blocks(*self.inverse_factors((p, q)))
         return H, inverse.to(H.dtype)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
