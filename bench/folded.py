@@ -17,17 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from adapters import OUR_OPTIONS  # noqa: E402
+from adapters import build  # noqa: E402
 from lora_step import _make_step, make_batch, quiet_libraries  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from peftlab.adapters import blockwise, ether, lora, method_class, oft  # noqa: E402
-from peftlab.inject import add_adapter  # noqa: E402
-from peftlab.models import EMBEDDED_MODEL, load_model  # noqa: E402
+from peftlab.adapters import blockwise, ether, lora, oft  # noqa: E402
+from peftlab.models import EMBEDDED_MODEL  # noqa: E402
 
 METHODS = ("lora", "oft", "ether", "etherplus", "etherplus_hh")
 FOLDING_MODULES = (ether, oft)  # the modules whose ``worth_folding`` decides the form
@@ -68,16 +65,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     quiet_libraries()
     input_ids = make_batch(args)
-    base = load_model(args.model, dtype=args.dtype)
-    base.config.use_cache = False
-    common.activation_grads_only(base)
-    steps = {"base": (None, _make_step(base.to(args.device).train(), None, input_ids))}
+    base, no_optimizer, _ = build("base", args, input_ids)
+    steps = {"base": (None, _make_step(base, no_optimizer, input_ids))}
     for method in args.methods:
-        model = load_model(args.model, dtype=args.dtype)
-        model.config.use_cache = False
-        add_adapter(model, method_class(method).config_class(**OUR_OPTIONS.get(method, {})), seed=args.seed)
-        model.to(args.device).train()
-        optimizer = common.optimizer([p for p in model.parameters() if p.requires_grad], args.lr)
+        model, optimizer, _ = build(method, args, input_ids)
         step = _make_step(model, optimizer, input_ids)
         steps[f"{method}:folded"], steps[f"{method}:activations"] = (True, step), (False, step)
 
