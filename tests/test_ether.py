@@ -163,6 +163,42 @@ def test_weight_form_equals_activation_form(config_class, layer_name):
         assert (ours - reference).abs().max() <= 1e-6 * reference.abs().max()
 
 
+@pytest.mark.parametrize("config_class", [EtherPlusConfig, EtherPlusHHConfig])
+def test_etherplus_dense_blocks_equal_the_factored_form(config_class, monkeypatch):
+    """ETHER+ multiplies activations by its dense b × b blocks up to DENSE_BLOCKS_UP_TO features per block and
+    by its two vectors above: same outputs and gradients (x, u, v, bias; float64), the bias kept outside H on
+    the output side, with autograd and without (cached blocks), and equal to the merged weight's output."""
+    from peftlab.adapters import ether
+
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 8).double()
+    linear.weight.requires_grad_(False)
+    adapter = method_class(config_class.method)(config_class(n_blocks=2, side="out") if config_class is EtherPlusConfig
+                                                else config_class(n_blocks=2), 12, 8, "m.up_proj").double()
+    with torch.no_grad():
+        linear.bias.normal_()
+        for p in adapter.parameters():
+            p.normal_()
+    x = torch.randn(3, 5, 12, dtype=torch.float64)  # 15 tokens ≥ 8 outputs: the fold is switched off below
+    monkeypatch.setattr(EtherAdapter, "_folded", lambda self, x, inner: None)
+    weights = torch.randn(3, 5, 8, dtype=torch.float64)
+    params = [linear.bias, *adapter.parameters()]
+    merged = x @ adapter.merged_weight(linear.weight).t() + linear.bias
+    results = []
+    for dense_up_to in (64, 0):  # b = 4 and 6: dense blocks, then the factored form
+        monkeypatch.setattr(ether, "DENSE_BLOCKS_UP_TO", dense_up_to)
+        xi = x.clone().requires_grad_()
+        y = adapter(xi, linear)
+        results.append((y, *torch.autograd.grad((y * weights).sum(), [xi, *params])))
+        with torch.no_grad():
+            assert torch.allclose(adapter(x, linear), merged, atol=1e-10)
+            assert torch.allclose(adapter(x, linear), merged, atol=1e-10)  # from the cache
+    assert (results[0][0] - linear(x)).abs().max() > 0.1
+    assert torch.allclose(results[0][0], merged, atol=1e-10)
+    for dense, factored in zip(*results):
+        assert torch.allclose(dense, factored, atol=1e-10)
+
+
 def test_weight_form_not_used_for_a_near_singular_ether_plus_block():
     transform = reflection(plus=True)
     assert transform.blocks() is not None

@@ -119,27 +119,3 @@ def test_vera_few_token_form_equals_many_token_form():
         reference = layer.base(x) + adapter.lambda_b * (((x @ A[:, :12].t()) * adapter.lambda_d) @ B[:20].t())
     assert (many - layer.base(x)).abs().max() > 1e-3
     assert torch.allclose(many, reference, atol=1e-6) and torch.allclose(one_by_one, reference, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["etherplus", "etherplus_hh"])
-def test_etherplus_dense_blocks_keep_the_bias_outside(name):
-    """Without autograd ETHER+ multiplies by its b × b blocks: H(z − b) + b on the output side, as the
-    factored form used in training."""
-    from peftlab.adapters.base import method_class
-
-    layer = AdapterLayer(torch.nn.Linear(12, 8, bias=True))
-    with torch.no_grad():
-        layer.base.bias.normal_(generator=torch.Generator().manual_seed(2))
-    adapter = method_class(name)(CACHED[name].replace(n_blocks=2, side="out") if name == "etherplus" else
-                                 CACHED[name].replace(n_blocks=2), 12, 8, "proj")
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in adapter.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator))
-    layer.adapters["default"], layer.active = adapter, ("default",)
-    x = torch.randn(3, 12, generator=generator)
-    trained = layer(x)
-    with torch.no_grad():
-        generated = layer(x)
-    assert (trained - layer.base(x)).abs().max() > 1e-2
-    assert (generated - trained).abs().max() <= 1e-5

@@ -20,10 +20,11 @@ except on the attention q/k/v, whose fused 3-D parameter had fan_in = n·b (the 
 angular step size, so it is kept). ETHER therefore starts at a random reflection, not at the base
 model (‖H − I‖_F = 2 per block); ETHER+ sets v = −u, so H⁺ = I exactly at the start.
 
-Training applies H to activations, never building a dense d×d matrix: H z = z + Q(Pᵀz) is two thin
-products per token. On batches of many tokens, the blocks are folded into the weight instead, H_out W H_in
-built per call from the b×b blocks (``peftlab.adapters.blockwise``, same values), whose backward needs
-each block's inverse: ETHER's reflection is its own; ETHER+'s comes from the Woodbury identity below, and
+Training applies H to activations, never building a dense d×d matrix: H z = z + Q(Pᵀz) per block, O(d)
+per token for ETHER; ETHER+ multiplies by its b × b blocks, O(d·b), which is faster on CPU for b ≤ 64
+(``apply``). On batches of many tokens, the blocks are folded into the weight instead, H_out W H_in built
+per call from the b×b blocks (``peftlab.adapters.blockwise``, same values), whose backward needs each
+block's inverse: ETHER's reflection is its own; ETHER+'s comes from the Woodbury identity below, and
 where some block is near singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used.
 While autograd is off (generation, evaluation), û, v̂ and the blocks are computed once and reused until a
 parameter changes (``base.inference_cached``).
@@ -53,6 +54,9 @@ from peftlab.adapters.blockwise import folded_linear, worth_folding
 SIDES = ("auto", "in", "out")
 # The weight form inverts ETHER+'s blocks; with c = û·v̂, cond(H⁺) = (1 + √(1 − c²))/(1 − √(1 − c²)) ≤ 400 for |c| ≥ 0.1.
 MIN_COSINE = 0.1
+# ETHER+ multiplies activations by its dense b × b blocks up to this block size, by its two vectors above it
+# (where the O(b²) product per block outgrows the factored form's slow rank-2 products; see ``apply``).
+DENSE_BLOCKS_UP_TO = 64
 # Attention input projections, whose output side the paper transforms (one block per head when n = heads).
 ATTENTION_QKV = ("q_proj", "k_proj", "v_proj", "query", "key", "value", "c_attn", "qkv_proj", "query_key_value", "Wqkv")
 
@@ -170,23 +174,27 @@ class _BlockTransform(nn.Module):
     def apply(self, z: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         """H (z − shift) + shift on the last dimension; ``shift`` is the bias an output transform skips.
 
-        Block i of a token: z_i + Q_i (P_iᵀ (z_i − shift_i)). Two forms, the faster of each on CPU (fwd+bwd,
-        512 tokens, d = 576, n = 32): ETHER's single vector broadcasts (1.4 ms against 2.3 ms for a dense
-        block-structured GEMM); ETHER+'s pairs go through one batched matmul per block (2.6 ms against 3.8 ms).
-        Without autograd (generation) ETHER+ multiplies by its cached b × b blocks instead, one batched
-        product (decoding 11 % faster with the two-sided form; ETHER's broadcast gains nothing from it).
+        Block i of a token: z_i + Q_i (P_iᵀ (z_i − shift_i)), in the faster of two forms on CPU. ETHER's single
+        vector broadcasts, O(b) per block. ETHER+'s blocks of up to ``DENSE_BLOCKS_UP_TO`` features are
+        multiplied as dense b × b matrices, one batched product, O(b²) per block: MKL runs the factored
+        form's rank-2 products (N = 2) at a few GFLOP/s, so the dense product is faster up to b ≈ 64
+        (fwd+bwd, 512 tokens, d = 576, n = 32: 1.4–1.7 ms against 2.3 ms; embedded model's training step
+        0.92–0.93 of the factored form's, paired). Larger blocks take the factored form. Without autograd
+        (generation) the dense blocks or the unit vectors are cached (``inference_cached``).
         """
-        if self.plus and not torch.is_grad_enabled():
+        n, b = self.u.shape
+        if self.plus and b <= DENSE_BLOCKS_UP_TO:
             H = inference_cached(self, "dense_blocks", lambda: _dense_blocks(*self.factors())).to(z.dtype)
-            n, b, _ = H.shape
-            by_block = z.reshape(-1, n, b).transpose(0, 1)  # (n, tokens, b)
+            by_block, Ht = z.reshape(-1, n, b).transpose(0, 1), H.transpose(1, 2)  # (n, tokens, b), (n, b, b)
             if shift is None:
-                return torch.bmm(by_block, H.transpose(1, 2)).transpose(0, 1).reshape(z.shape)
-            shift = shift.to(z.dtype).view(n, 1, b)
-            return (torch.bmm(by_block - shift, H.transpose(1, 2)) + shift).transpose(0, 1).reshape(z.shape)
+                out = torch.bmm(by_block, Ht)
+            else:  # H (z − s) + s = H z + (s − H s)
+                shift = shift.to(z.dtype).view(n, 1, b)
+                out = torch.baddbmm(shift - shift @ Ht, by_block, Ht)
+            return out.transpose(0, 1).reshape(z.shape)
         p, q = inference_cached(self, "factors", self.factors)
         p, q = p.to(z.dtype), q.to(z.dtype)
-        n, b, k = p.shape
+        k = p.shape[-1]
         blocks = z.reshape(-1, n, b)
         if k == 1:  # ETHER: z_i − 2 û_i (û_i · (z_i − shift_i))
             s = (blocks * p[..., 0]).sum(-1, keepdim=True)
