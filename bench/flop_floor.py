@@ -19,7 +19,7 @@ multiply-adds, for the configurations bench/adapters.py times (same targets and 
   oft (b)       each input block rotated, forward and in ∂x, and ∂R          3·b·in
                 or, folded into the weight (T tokens a step): ∂R's product, and
                 W·blockdiag(R)ᵀ built forward and backward                 b·in·(1 + 2·out/T)
-                whichever is less, + the Cayley transform, (in/b) solves of b×b per step over T tokens
+                whichever is less, + the Cayley transform, (in/b) b×b inverses and their gradients per step over T tokens
   ether (k = 1), etherplus (k = 2), per transformed side of width d: project and expand forward,
                 the same for the gradient, ∂P and ∂Q                        6·k·d
   bottleneck (m, post)  D z, U φ; ∂z through U and D; ∂U, ∂D                   6·m·out
@@ -84,7 +84,8 @@ def extra_macs(method: str, config, name: str, in_features: int, out_features: i
         return 2 * config.r * (in_features + out_features)
     if method == "oft":
         b = config.block_size
-        cayley = (in_features // b) * (8 / 3) * b ** 3  # per block: LU (b³/3) and a b-column solve (b³), twice (backward)
+        # per block: an inverse (LU b³/3, the inverse from it b³) and its gradient (two b×b products, 2b³)
+        cayley = (in_features // b) * (10 / 3) * b ** 3
         return b * in_features * min(3, 1 + 2 * out_features / tokens) + cayley / tokens
     if method in ("ether", "etherplus", "etherplus_hh"):
         k = 1 if method == "ether" else 2

@@ -55,7 +55,7 @@ def test_floor_formulas_count_our_arithmetic(method, shape):
     elif method == "vera":
         # ours also forms ∂(Λ_b B) = gᵀh (r·out per token) instead of keeping the layer's output for ∂b
         assert extra == floor + config.r * shape[1]
-    else:  # OFT: the rotations exactly, plus part of the Cayley transform (the counter skips its solves)
+    else:  # OFT: the rotations exactly, plus part of the Cayley transform (the counter skips the LAPACK inverse itself)
         b, (in_features, out_features) = config.block_size, shape
         rotations = b * in_features * min(3, 1 + 2 * out_features / TOKENS)  # 64 tokens: the folded form
         assert rotations < floor and rotations <= extra <= floor
