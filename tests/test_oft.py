@@ -78,6 +78,27 @@ def test_blocks_orthogonal_with_det_one():
     assert (R - eye).abs().max() > 0.1  # not trivially the identity
 
 
+@pytest.mark.parametrize("scale", [1e-4, 3e-3, 1e-2, 0.1], ids=["one-step", "two-steps", "three-steps", "lu"])
+def test_cayley_equals_float64_solve_with_its_gradient(scale):
+    """Near S = 0 the inverse comes from Newton's iteration (max ‖S‖_F² ≈ 3e-6, 3e-3, 0.03 here: one, two and
+    three steps), far from it (≈ 3) from LU: values and gradients equal a float64 solve to fp32 rounding."""
+    b, triu = 16, torch.triu_indices(16, 16, 1)
+    theta = (scale * torch.randn(5, b * (b - 1) // 2, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    weights = torch.randn(5, b, b, generator=torch.Generator().manual_seed(1))
+    R = cayley(theta, b, triu)
+    (grad,) = torch.autograd.grad((R * weights).sum(), theta)
+    theta64 = theta.detach().double().requires_grad_()
+    S = torch.zeros(5, b, b, dtype=torch.float64)
+    S[:, triu[0], triu[1]] = theta64
+    S = S - S.transpose(-2, -1)
+    eye = torch.eye(b, dtype=torch.float64)
+    reference = torch.linalg.solve(eye + S, eye - S, left=False)
+    (grad64,) = torch.autograd.grad((reference * weights.double()).sum(), theta64)
+    assert (R.double() - reference).abs().max() <= (1e-6 if scale >= 0.1 else 3e-7)  # Newton: to fp32 rounding
+    assert (R.double() - eye).abs().max() > scale  # not the identity
+    assert (grad.double() - grad64).abs().max() <= 1e-5 * grad64.abs().max()
+
+
 def test_cayley_sign_relative_to_ether_repo():
     """Docstring claim (spec B3): with the same S, ours is (I − S)(I + S)⁻¹ = the ETHER repo's Q(S)ᵀ."""
     torch.manual_seed(0)
