@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from peftlab.adapters.base import (ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D, linear_features,
+from peftlab.adapters.base import (ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D, linear_features, share_derivations,
                                    method_class)
 from peftlab.methods import attached
 
@@ -102,6 +102,7 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
         weight = module.base.weight
         # A new module starts in training mode; follow the model's (dropout, COFT's projection).
         module.adapters[name] = adapter.to(device=weight.device, dtype=weight.dtype).train(model.training)
+    share_derivations(adapter for _, _, adapter in built)  # one adapter's layers derive their tensors together
     if config.sibo_lambda > 0:
         from peftlab.boosters.sibo import attach_sibo
 

@@ -5,6 +5,7 @@ import torch
 
 from conftest import randomize_adapters
 from peftlab.adapters import AdapterLayer, EtherConfig, EtherPlusConfig, EtherPlusHHConfig, OftConfig, VeraConfig, base
+from peftlab.adapters import ether, oft
 from peftlab.adapters.vera import VeraAdapter
 from peftlab.inject import adapter_layers, add_adapter
 from peftlab.models import tiny_model
@@ -31,19 +32,23 @@ def cached_logits(model, tokens):
         return model(tokens).logits
 
 
-def count_derivations(model, monkeypatch) -> list:
-    """Counts calls of the functions whose results are cached (OFT.rotation, ETHER's factors and blocks)."""
+def count_derivations(monkeypatch) -> list:
+    """Counts the computations of tensors derived from adapter parameters (``base.derived``'s functions:
+    OFT's rotations, ETHER's vectors and blocks) and of COFT's rotation (``base.inference_cached``)."""
     calls = []
-    for _, layer in adapter_layers(model):
-        for module in layer.adapters["default"].modules():
-            for attribute in ("rotation", "factors", "blocks"):
-                if hasattr(type(module), attribute):
-                    original = getattr(module, attribute)
 
-                    def counted(original=original):
-                        calls.append(1)
-                        return original()
-                    monkeypatch.setattr(module, attribute, counted)
+    def counting(module, name, derive, attributes):
+        def counted(*tensors):
+            calls.append(name)
+            return derive(*tensors)
+        return base.derived(module, name, counted, attributes)
+
+    def counting_cache(module, name, compute):
+        return base.inference_cached(module, name, lambda: calls.append(name) or compute())
+
+    for method in (ether, oft):
+        monkeypatch.setattr(method, "derived", counting)
+    monkeypatch.setattr(oft, "inference_cached", counting_cache)
     return calls
 
 
@@ -51,7 +56,7 @@ def count_derivations(model, monkeypatch) -> list:
 def test_cached_forward_equals_fresh_and_computes_once(name, tokens, monkeypatch):
     model = adapted(name)
     expected = fresh_logits(model, tokens)
-    calls = count_derivations(model, monkeypatch)
+    calls = count_derivations(monkeypatch)
     first = cached_logits(model, tokens)
     n_first = len(calls)
     assert n_first > 0
@@ -95,7 +100,7 @@ def test_gradients_never_come_from_the_cache(tokens):
 
 def test_switch_off_recomputes(tokens, monkeypatch):
     model = adapted("oft")
-    calls = count_derivations(model, monkeypatch)
+    calls = count_derivations(monkeypatch)
     monkeypatch.setattr(base, "INFERENCE_CACHE", False)
     cached_logits(model, tokens)
     n = len(calls)

@@ -19,9 +19,11 @@ Configs are frozen dataclasses validated at construction; ``method`` is the regi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -244,6 +246,107 @@ def inference_cached(module: nn.Module, name: str, compute: Callable[[], Any]) -
     # The state is read after compute(), which may itself update a parameter (COFT's projection).
     cache[name] = (_parameter_state(module), value)
     return value
+
+
+# Switch for benchmarks and debugging: False derives every layer's tensors separately in training too.
+BATCH_ACROSS_LAYERS = True
+# module → the derivations shared by the adapter it belongs to (one adapter name in one model): see ``derived``.
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def share_derivations(adapters: Iterable[nn.Module]) -> None:
+    """Let ``adapters`` (the layers of one adapter name in one model, whose configs are therefore equal)
+    compute their derived tensors together (``derived``). ``inject.add_adapter`` calls this."""
+    shared: dict = {}
+    for adapter in adapters:
+        for module in adapter.modules():
+            _SHARED[module] = shared
+
+
+def derived(module: nn.Module, name: str, derive: Callable[..., torch.Tensor], attributes: tuple[str, ...]) -> torch.Tensor:
+    """``derive(*tensors)`` of ``module``'s tensors named ``attributes`` (OFT's rotations from θ, ETHER+'s
+    blocks from u and v), for a ``derive`` that treats each index of the tensors' first dimension on its own.
+
+    Without autograd the value is kept on the module until a tensor changes (``inference_cached``). With
+    autograd on (training) it is computed anew, and then the count of small operations is its cost: ETHER+
+    derives 420 transforms per step of the embedded model, each some 25 operations forward and backward
+    (~0.2 s of a 2.5 s step). So the layers of one adapter (``share_derivations``) derive together: the tensors
+    of every layer that asked in the previous forward pass are concatenated along dim 0, derived in one call
+    and split (``_Batch``). Layers of the same name share a config, so the asking layer's ``derive`` serves all.
+    """
+    if not torch.is_grad_enabled() or not BATCH_ACROSS_LAYERS or module not in _SHARED:
+        return inference_cached(module, name, lambda: derive(*(getattr(module, a) for a in attributes)))
+    module.__dict__.pop("_inference_cache", None)
+    inputs = [getattr(module, a) for a in attributes]
+    batches = _SHARED[module]
+    key = (name, tuple(tuple(t.shape[1:]) for t in inputs))
+    if key not in batches:
+        batches[key] = _Batch(attributes)
+    return batches[key].get(module, inputs, derive)
+
+
+class _Batch:
+    """One derivation for the layers of one adapter, computed in one call per forward pass.
+
+    The batch holds every layer that asked since the last one was computed, i.e. the layers of the previous
+    pass (the first pass derives each layer alone). Its value serves a layer while its tensors are unchanged
+    and no backward pass has gone through it: an optimizer step changes the tensors, and a backward pass
+    (hooked on the value's gradient) frees its graph, so gradient accumulation's next pass recomputes too.
+    A layer that asks while the value is in use but is not in it derives alone and joins the next batch."""
+
+    def __init__(self, attributes: tuple[str, ...]):
+        self.attributes = attributes
+        self.values: dict[int, tuple] = {}  # id(layer) → (layer ref, tensors' state, its slice of the value)
+        self.asked: dict[int, weakref.ref] = {}
+        self.live = False
+        self.generation = 0
+
+    def get(self, module, inputs, derive):
+        self.asked[id(module)] = weakref.ref(module)
+        hit = self.values.get(id(module))
+        if hit is not None and hit[0]() is module and self.live and _same_tensors(hit[1], inputs):
+            return hit[2]
+        if hit is None and self.live:
+            return _outside_checkpoints(derive, inputs)
+        members = [m for m in (ref() for ref in self.asked.values()) if m is not None]
+        tensors = [[getattr(m, a) for m in members] for a in self.attributes]
+        if not all(_stackable(group, first) for group, first in zip(tensors, inputs)):
+            return _outside_checkpoints(derive, inputs)  # e.g. parameters sharded by FSDP or DeepSpeed
+        value = _outside_checkpoints(derive, [torch.cat(group) for group in tensors])
+        parts = value.split([t.shape[0] for t in tensors[0]])
+        self.generation += 1
+        if value.requires_grad:
+            value.register_hook(functools.partial(self._backward_done, self.generation))
+        self.values = {id(m): (weakref.ref(m), [(t, t._version, t.data_ptr()) for t in ts], part)
+                       for m, part, *ts in zip(members, parts, *tensors)}
+        self.asked, self.live = {id(module): weakref.ref(module)}, True
+        return self.values[id(module)][2]
+
+    def _backward_done(self, generation, grad):
+        if generation == self.generation:  # its graph is freed: the next pass derives again
+            self.live, self.values = False, {}
+
+
+def _outside_checkpoints(derive, inputs) -> torch.Tensor:
+    """``derive(*inputs)``, saving its tensors for backward as they are: a layer under activation checkpointing
+    (which counts what each layer saves and recomputes it in the backward pass) may find the value computed
+    when it recomputes, so the derivation must not count as the layer's."""
+    with torch.autograd.graph.saved_tensors_hooks(_identity, _identity):
+        return derive(*inputs)
+
+
+def _identity(tensor):
+    return tensor
+
+
+def _same_tensors(state: list, inputs: list) -> bool:
+    return all(t is s and t._version == version and t.data_ptr() == address
+               for (s, version, address), t in zip(state, inputs))
+
+
+def _stackable(tensors: list, first: torch.Tensor) -> bool:
+    return all(type(t) is type(first) and t.dim() == first.dim() and t.shape[1:] == first.shape[1:]
+               and t.dtype == first.dtype and t.device == first.device for t in tensors)
 
 
 def _parameter_state(module: nn.Module) -> list:

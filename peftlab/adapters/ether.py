@@ -26,8 +26,8 @@ per token for ETHER; ETHER+ multiplies by its b × b blocks, O(d·b), which is f
 per call from the b×b blocks (``peftlab.adapters.blockwise``, same values), whose backward needs each
 block's inverse: ETHER's reflection is its own; ETHER+'s comes from the Woodbury identity below, and
 where some block is near singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used.
-While autograd is off (generation, evaluation), û, v̂ and the blocks are computed once and reused until a
-parameter changes (``base.inference_cached``).
+û, v̂ and the blocks are derived from u, v by ``base.derived``: in training, for all layers of the adapter in
+one batched call per forward pass; while autograd is off (generation, evaluation), once, until u or v changes.
 
 Merging is exact: W' = H_out W H_in, computed block by block; unmerging uses
 (I + QPᵀ)⁻¹ = I − Q(I + PᵀQ)⁻¹Pᵀ (ETHER's reflection is its own inverse). ETHER+ is not orthogonal:
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, inference_cached, positive, register
+from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, derived, positive, register
 from peftlab.adapters.blockwise import folded_linear, worth_folding
 
 SIDES = ("auto", "in", "out")
@@ -106,9 +106,54 @@ def _unit(u: torch.Tensor) -> torch.Tensor:
     return u * torch.rsqrt((u * u).sum(-1, keepdim=True).clamp_min(1e-12))
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))  # the vectors are normalised in fp32, as the paper advises
+
+
+def _reflection_vectors(u: torch.Tensor) -> torch.Tensor:
+    """ETHER's P = û, shape (n, b, 1)."""
+    return _unit(_at_least_float32(u))[..., None]
+
+
+def _plus_vectors(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """ETHER+'s P = [û, v̂], shape (n, b, 2): both normalised by one call."""
+    return _unit(_at_least_float32(torch.stack((u, v), 1))).transpose(1, 2)
+
+
+def _with_signs(p: torch.Tensor) -> torch.Tensor:
+    """Q from P: −2û for ETHER (k = 1), [−û, v̂] for ETHER+ (k = 2)."""
+    if p.shape[-1] == 1:
+        return -2.0 * p
+    return p * torch.tensor((-1.0, 1.0), dtype=p.dtype, device=p.device)
+
+
 def _dense_blocks(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The (n, b, b) blocks H_i = I + Q_i P_iᵀ from the (n, b, k) factors."""
     return torch.baddbmm(torch.eye(p.shape[1], dtype=p.dtype, device=p.device), q, p.transpose(1, 2))
+
+
+def _reflection_blocks(u: torch.Tensor) -> torch.Tensor:
+    p = _reflection_vectors(u)
+    return _dense_blocks(p, _with_signs(p))
+
+
+def _plus_blocks(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    p = _plus_vectors(u, v)
+    return _dense_blocks(p, _with_signs(p))
+
+
+def _inverse_factors(p: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, Q') with (I + Q Pᵀ)⁻¹ = I + Q' Pᵀ per block: Woodbury, Q' = −Q(I + PᵀQ)⁻¹."""
+    small = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device) + p.transpose(1, 2) @ q
+    return p, -q @ torch.linalg.inv(small)  # singular only when ETHER+ has u ⟂ v (H⁺ not invertible)
+
+
+def _plus_inverse_blocks(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The inverses of ETHER+'s blocks, solved in float64: constants of the weight form's backward."""
+    with torch.no_grad():
+        p = _plus_vectors(u, v)
+        dtype, p = p.dtype, p.double()
+        return _dense_blocks(*_inverse_factors(p, _with_signs(p))).to(dtype)
 
 
 def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
@@ -118,7 +163,11 @@ def _block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
 
 
 class _BlockTransform(nn.Module):
-    """H = blockdiag(I + Q_i P_iᵀ) on a d-dimensional side: the reflection vectors of one side."""
+    """H = blockdiag(I + Q_i P_iᵀ) on a d-dimensional side: the reflection vectors of one side.
+
+    The tensors derived from u (and v), P and the dense blocks, are ``derived``: in training, the transforms
+    of all layers compute them together, one batched call per forward pass (a two-sided step has 420 of them,
+    each a few small operations); without autograd they are kept until u or v changes."""
 
     def __init__(self, plus: bool, dim: int, n_blocks: int, fan_in: int, layer_name: str):
         super().__init__()
@@ -128,6 +177,7 @@ class _BlockTransform(nn.Module):
         self.plus, self.fan_in = plus, fan_in
         self.u = nn.Parameter(torch.empty(n_blocks, dim // n_blocks))
         self.v = nn.Parameter(torch.empty(n_blocks, dim // n_blocks)) if plus else None
+        self.vector_names = ("u", "v") if plus else ("u",)
 
     def reset_parameters(self, generator=None):
         bound = 1.0 / math.sqrt(self.fan_in)
@@ -138,35 +188,28 @@ class _BlockTransform(nn.Module):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, Q), each (n, b, k), with H_i = I + Q_i P_iᵀ."""
-        dtype = torch.promote_types(self.u.dtype, torch.float32)  # at least float32, as the paper advises
-        if not self.plus:
-            u = _unit(self.u.to(dtype))
-            return u[..., None], -2.0 * u[..., None]
-        # û and v̂ normalised together, then Q = P·diag(−1, 1). Training computes this per side and call, and the
-        # count of small operations is its cost (≈ 0.4 ms forward + backward per side, 420 sides in a two-sided step).
-        p = _unit(torch.stack((self.u, self.v), 1).to(dtype)).transpose(1, 2)
-        return p, p * torch.tensor((-1.0, 1.0), dtype=dtype, device=p.device)
+        p = derived(self, "vectors", _plus_vectors if self.plus else _reflection_vectors, self.vector_names)
+        return p, _with_signs(p)
 
-    def inverse_factors(self, factors: tuple[torch.Tensor, torch.Tensor] | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, Q') with H_i⁻¹ = I + Q'_i P_iᵀ: Woodbury, Q' = −Q(I + PᵀQ)⁻¹, in float64; from ``factors``
-        (``self.factors()``) when the caller has them."""
-        p, q = (t.double() for t in (factors or self.factors()))
-        small = torch.eye(p.shape[-1], dtype=p.dtype) + p.transpose(1, 2) @ q
-        return p, -q @ torch.linalg.inv(small)  # singular only when ETHER+ has u ⟂ v (H⁺ not invertible)
+    def dense_blocks(self) -> torch.Tensor:
+        """The (n, b, b) blocks H_i."""
+        return derived(self, "dense_blocks", _plus_blocks if self.plus else _reflection_blocks, self.vector_names)
+
+    def inverse_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, Q') with H_i⁻¹ = I + Q'_i P_iᵀ, in float64 (``_inverse_factors``)."""
+        p = self.factors()[0].double()
+        return _inverse_factors(p, _with_signs(p))
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The dense blocks H_i = I + Q_i P_iᵀ and their inverses (a constant), each (n, b, b), for the weight
-        form; None where ETHER+ has a block too close to singular to invert accurately."""
-        p, q = self.factors()
-        H = _dense_blocks(p, q)
+        """The dense blocks H_i and their inverses (a constant), each (n, b, b), for the weight form; None where
+        ETHER+ has a block too close to singular to invert accurately."""
+        H = self.dense_blocks()
         if not self.plus:
             return H, H.detach()  # a reflection is its own inverse
-        with torch.no_grad():
-            if (p[..., 0] * p[..., 1]).sum(-1).abs().min() < MIN_COSINE:
-                return None
-            inverse = _dense_blocks(*self.inverse_factors((p, q)))
-        return H, inverse.to(H.dtype)
+        p = self.factors()[0].detach()
+        if (p[..., 0] * p[..., 1]).sum(-1).abs().min() < MIN_COSINE:
+            return None
+        return H, derived(self, "inverse_blocks", _plus_inverse_blocks, self.vector_names).to(H.dtype)
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """P, Q as (d, n·k) block-structured matrices: H = I + Q Pᵀ."""
@@ -181,12 +224,11 @@ class _BlockTransform(nn.Module):
         multiplied as dense b × b matrices, one batched product, O(b²) per block: MKL runs the factored
         form's rank-2 products (N = 2) at a few GFLOP/s, so the dense product is faster up to b ≈ 64
         (fwd+bwd, 512 tokens, d = 576, n = 32: 1.4–1.7 ms against 2.3 ms; embedded model's training step
-        0.92–0.93 of the factored form's, paired). Larger blocks take the factored form. Without autograd
-        (generation) the dense blocks or the unit vectors are cached (``inference_cached``).
+        0.92–0.93 of the factored form's, paired). Larger blocks take the factored form.
         """
         n, b = self.u.shape
         if self.plus and b <= DENSE_BLOCKS_UP_TO:
-            H = inference_cached(self, "dense_blocks", lambda: _dense_blocks(*self.factors())).to(z.dtype)
+            H = self.dense_blocks().to(z.dtype)
             by_block, Ht = z.reshape(-1, n, b).transpose(0, 1), H.transpose(1, 2)  # (n, tokens, b), (n, b, b)
             if shift is None:
                 out = torch.bmm(by_block, Ht)
@@ -194,8 +236,7 @@ class _BlockTransform(nn.Module):
                 shift = shift.to(z.dtype).view(n, 1, b)
                 out = torch.baddbmm(shift - shift @ Ht, by_block, Ht)
             return out.transpose(0, 1).reshape(z.shape)
-        p, q = inference_cached(self, "factors", self.factors)
-        p, q = p.to(z.dtype), q.to(z.dtype)
+        p, q = (t.to(z.dtype) for t in self.factors())
         k = p.shape[-1]
         blocks = z.reshape(-1, n, b)
         if k == 1:  # ETHER: z_i − 2 û_i (û_i · (z_i − shift_i))
@@ -250,7 +291,7 @@ class EtherAdapter(Adapter):
         sides = {}
         for side, transform in (("in", self.h_in), ("out", self.h_out)):
             if transform is not None:
-                blocks = inference_cached(transform, "blocks", transform.blocks)
+                blocks = transform.blocks()
                 if blocks is None:
                     return None
                 sides[side] = [t.to(x.dtype) for t in blocks]

@@ -25,7 +25,8 @@ here so that PEFT's default OFT adapters import and export exactly; the exact tr
 Training speed: on batches of many tokens the rotation is folded into the weight, W·blockdiag(R)ᵀ built
 per call, instead of rotating every token's blocks (``peftlab.adapters.blockwise``; same values, the
 gradient of R using RᵀR = I, so only for the exact transform). Decoding keeps the rotation on activations,
-with R solved once and reused while autograd is off and θ unchanged (``base.inference_cached``).
+with R solved once and reused while autograd is off and θ unchanged; in training, the layers' rotations are
+solved together, one batched call per forward pass (``base.derived``).
 
 Everything follows PEFT's ``OFTRotationModule`` (parameter layout, Cayley sign, orientation, series,
 COFT projection), so an adapter exchanges with PEFT as a renaming. Deliberate
@@ -47,8 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.adapters.base import (Adapter, AdapterConfig, AdapterConfigError, in_range, inference_cached, positive,
-                                   register)
+from peftlab.adapters.base import (Adapter, AdapterConfig, AdapterConfigError, derived, in_range, inference_cached,
+                                   positive, register)
 from peftlab.adapters.blockwise import folded_linear, worth_folding
 
 
@@ -179,21 +180,28 @@ class OftAdapter(Adapter):
         nn.init.zeros_(self.oft_R)  # R = I: the base model exactly
 
     def rotation(self) -> torch.Tensor:
-        """The fp32 blocks R_r, shape (n, b, b)."""
-        theta = self.oft_R
+        """The fp32 blocks R_r, shape (n, b, b): in training, every layer's in one batched call per forward pass
+        (``base.derived``), except under COFT, whose projection writes θ per layer."""
         if self.config.coft:
-            with torch.no_grad():
-                projected = coft_project(theta, self.config.eps)
-                if self.training:  # projected gradient descent: the parameter itself returns onto the ball, as in PEFT
-                    theta.copy_(projected)
-            # the projected value, with the gradient of the parameter (PEFT differentiates at the projected point)
-            theta = theta + (projected - theta).detach()
+            return inference_cached(self, "rotation", self._projected_rotation)
+        return derived(self, "rotation", self._rotation_of, ("oft_R",))
+
+    def _rotation_of(self, theta: torch.Tensor) -> torch.Tensor:
         if self.config.neumann_terms:
             return cayley_neumann(theta, self.block_size, self.triu, self.config.neumann_terms)
         return cayley(theta, self.block_size, self.triu)
 
+    def _projected_rotation(self) -> torch.Tensor:
+        theta = self.oft_R
+        with torch.no_grad():
+            projected = coft_project(theta, self.config.eps)
+            if self.training:  # projected gradient descent: the parameter itself returns onto the ball, as in PEFT
+                theta.copy_(projected)
+        # the projected value, with the gradient of the parameter (PEFT differentiates at the projected point)
+        return self._rotation_of(theta + (projected - theta).detach())
+
     def forward(self, x, inner):
-        R = inference_cached(self, "rotation", self.rotation)
+        R = self.rotation()
         if self.training and self.config.dropout > 0:  # PEFT's MultiplicativeDropoutLayer: int(p·n) blocks → I
             dropped = torch.zeros(self.n_blocks, dtype=torch.bool, device=R.device)
             dropped[torch.randperm(self.n_blocks, device=R.device)[:int(self.config.dropout * self.n_blocks)]] = True
