@@ -166,3 +166,26 @@ def test_copied_model_derives_its_own(monkeypatch):
     monkeypatch.setattr(base, "BATCH_ACROSS_LAYERS", False)
     assert torch.allclose(expected, twin(tokens).logits, atol=1e-6)
     assert not torch.allclose(expected, model(tokens).logits, atol=1e-3)
+
+
+class _Vectors(torch.nn.Module):
+    def __init__(self, rows):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(rows, 3))
+
+
+def test_layers_whose_parameters_are_sharded_derive_their_own():
+    """Under FSDP or DeepSpeed ZeRO-3 another layer's parameter is a flat shard outside its forward: each layer
+    then derives alone, with the same values, from then on."""
+    layers = [_Vectors(2), _Vectors(4), _Vectors(3)]
+    base.share_derivations(layers)
+    double = lambda w: 2 * w  # noqa: E731
+    for layer in layers:  # the first pass, layer by layer
+        base.derived(layer, "double", double, ("w",)).sum().backward()
+    shard = layers[1].w
+    layers[1].w = torch.nn.Parameter(torch.zeros(5))  # a flat shard, as FSDP leaves it
+    value = base.derived(layers[0], "double", double, ("w",))
+    assert torch.equal(value, 2 * layers[0].w)
+    layers[1].w = shard
+    value = base.derived(layers[2], "double", double, ("w",))
+    assert torch.equal(value, 2 * layers[2].w) and value.grad_fn is not None

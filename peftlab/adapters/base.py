@@ -300,8 +300,11 @@ class _Batch:
         self.asked: dict[int, weakref.ref] = {}
         self.live = False
         self.generation = 0
+        self.unstackable = False
 
     def get(self, module, inputs, derive):
+        if self.unstackable:
+            return _outside_checkpoints(derive, inputs)
         self.asked[id(module)] = weakref.ref(module)
         hit = self.values.get(id(module))
         if hit is not None and hit[0]() is module and self.live and _same_tensors(hit[1], inputs):
@@ -309,9 +312,12 @@ class _Batch:
         if hit is None and self.live:
             return _outside_checkpoints(derive, inputs)
         members = [m for m in (ref() for ref in self.asked.values()) if m is not None]
-        tensors = [[getattr(m, a) for m in members] for a in self.attributes]
+        tensors = [[getattr(m, a, None) for m in members] for a in self.attributes]
         if not all(_stackable(group, first) for group, first in zip(tensors, inputs)):
-            return _outside_checkpoints(derive, inputs)  # e.g. parameters sharded by FSDP or DeepSpeed
+            # Other layers' parameters are not whole here: sharded by FSDP or DeepSpeed ZeRO-3 outside their
+            # layer's forward. Each layer derives its own from now on.
+            self.unstackable, self.asked, self.values = True, {}, {}
+            return _outside_checkpoints(derive, inputs)
         value = _outside_checkpoints(derive, [torch.cat(group) for group in tensors])
         parts = value.split([t.shape[0] for t in tensors[0]])
         self.generation += 1
@@ -345,7 +351,7 @@ def _same_tensors(state: list, inputs: list) -> bool:
 
 
 def _stackable(tensors: list, first: torch.Tensor) -> bool:
-    return all(type(t) is type(first) and t.dim() == first.dim() and t.shape[1:] == first.shape[1:]
+    return all(t is not None and type(t) is type(first) and t.dim() == first.dim() and t.shape[1:] == first.shape[1:]
                and t.dtype == first.dtype and t.device == first.device for t in tensors)
 
 
