@@ -1,7 +1,7 @@
-"""Trains the tiny model with LoRA on seeded synthetic data; run directly or under torchrun.
+"""Trains the tiny model with LoRA (or ``--method``) on seeded synthetic data; run directly or under torchrun.
 
     python tests/train_worker.py OUT --micro 8              # one process
-    torchrun --nproc_per_node 2 tests/train_worker.py OUT --micro 4
+    torchrun --nproc_per_node 2 tests/train_worker.py OUT --micro 4 --method etherplus_hh
 Writes OUT/adapter.safetensors (the final adapter); used by test_train.py.
 """
 import argparse
@@ -10,7 +10,7 @@ import sys
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from peftlab.adapters import LoraConfig  # noqa: E402
+from peftlab.adapters import EtherPlusHHConfig, LoraConfig  # noqa: E402
 from peftlab.inject import add_adapter  # noqa: E402
 from peftlab.models import tiny_model  # noqa: E402
 from peftlab.train import TrainConfig, prepare_run_dir, train  # noqa: E402
@@ -28,10 +28,12 @@ def synthetic_data(n: int = 48, seed: int = 0) -> list[dict]:
 
 
 def run(output_dir, micro_batch_size=8, max_steps=6, stop_after_steps=None, resume=False, dropout=0.0,
-        save_every=0, progress=False):
+        save_every=0, progress=False, method="lora"):
     torch.set_num_threads(1)
     model = tiny_model(seed=0)
-    add_adapter(model, LoraConfig(r=4, dropout=dropout), seed=0)
+    # ETHER+ two-sided: its blocks are derived for all layers in one batched call per pass (base.derived)
+    config = LoraConfig(r=4, dropout=dropout) if method == "lora" else EtherPlusHHConfig(n_blocks=4)
+    add_adapter(model, config, seed=0)
     prepare_run_dir(output_dir, overwrite=not resume, resume=resume)
     config = TrainConfig(output_dir=str(output_dir), max_steps=max_steps, batch_size=8,
                          micro_batch_size=micro_batch_size, lr=5e-3, warmup_steps=2, save_every=save_every,
@@ -45,5 +47,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("--micro", type=int, default=8)
+    parser.add_argument("--method", default="lora", choices=["lora", "etherplus_hh"])
     args = parser.parse_args()
-    run(args.output_dir, micro_batch_size=args.micro)
+    run(args.output_dir, micro_batch_size=args.micro, method=args.method)

@@ -19,7 +19,6 @@ Configs are frozen dataclasses validated at construction; ``method`` is the regi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import weakref
 from dataclasses import dataclass
@@ -250,14 +249,24 @@ def inference_cached(module: nn.Module, name: str, compute: Callable[[], Any]) -
 
 # Switch for benchmarks and debugging: False derives every layer's tensors separately in training too.
 BATCH_ACROSS_LAYERS = True
-# module → the derivations shared by the adapter it belongs to (one adapter name in one model): see ``derived``.
-_SHARED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+# module → the derivations of the adapter it belongs to (one adapter name in one model): see ``derived``.
+_SHARED: "weakref.WeakKeyDictionary[nn.Module, _Derivations]" = weakref.WeakKeyDictionary()
+
+
+class _Derivations:
+    """The batched derivations of one adapter, and its count of backward passes, which end every value's life:
+    after a backward pass the optimizer may change the parameters, and torch's fused AdamW moves no version
+    counter, so values without a graph of their own (ETHER+'s inverse blocks) would not see it."""
+
+    def __init__(self):
+        self.batches: dict[tuple, _Batch] = {}
+        self.backward_passes = 0
 
 
 def share_derivations(adapters: Iterable[nn.Module]) -> None:
     """Let ``adapters`` (the layers of one adapter name in one model, whose configs are therefore equal)
     compute their derived tensors together (``derived``). ``inject.add_adapter`` calls this."""
-    shared: dict = {}
+    shared = _Derivations()
     for adapter in adapters:
         for module in adapter.modules():
             _SHARED[module] = shared
@@ -278,29 +287,32 @@ def derived(module: nn.Module, name: str, derive: Callable[..., torch.Tensor], a
         return inference_cached(module, name, lambda: derive(*(getattr(module, a) for a in attributes)))
     module.__dict__.pop("_inference_cache", None)
     inputs = [getattr(module, a) for a in attributes]
-    batches = _SHARED[module]
+    shared = _SHARED[module]
     key = (name, tuple(tuple(t.shape[1:]) for t in inputs))
-    if key not in batches:
-        batches[key] = _Batch(attributes)
-    return batches[key].get(module, inputs, derive)
+    if key not in shared.batches:
+        shared.batches[key] = _Batch(shared, attributes)
+    return shared.batches[key].get(module, inputs, derive)
 
 
 class _Batch:
     """One derivation for the layers of one adapter, computed in one call per forward pass.
 
     The batch holds every layer that asked since the last one was computed, i.e. the layers of the previous
-    pass (the first pass derives each layer alone). Its value serves a layer while its tensors are unchanged
-    and no backward pass has gone through it: an optimizer step changes the tensors, and a backward pass
-    (hooked on the value's gradient) frees its graph, so gradient accumulation's next pass recomputes too.
+    pass (the first pass derives each layer alone). Its value serves a layer until a backward pass goes
+    through any value of the adapter (hooked on their gradients; it frees their graphs, and an optimizer step
+    may follow) or the layer's tensors change in place: gradient accumulation's next pass derives again too.
     A layer that asks while the value is in use but is not in it derives alone and joins the next batch."""
 
-    def __init__(self, attributes: tuple[str, ...]):
-        self.attributes = attributes
+    def __init__(self, shared: _Derivations, attributes: tuple[str, ...]):
+        self.shared, self.attributes = shared, attributes
         self.values: dict[int, tuple] = {}  # id(layer) → (layer ref, tensors' state, its slice of the value)
         self.asked: dict[int, weakref.ref] = {}
-        self.live = False
-        self.generation = 0
+        self.computed_after = -1  # the adapter's count of backward passes when the value was computed
         self.unstackable = False
+
+    @property
+    def live(self) -> bool:
+        return self.computed_after == self.shared.backward_passes
 
     def get(self, module, inputs, derive):
         if self.unstackable:
@@ -320,17 +332,16 @@ class _Batch:
             return _outside_checkpoints(derive, inputs)
         value = _outside_checkpoints(derive, [torch.cat(group) for group in tensors])
         parts = value.split([t.shape[0] for t in tensors[0]])
-        self.generation += 1
         if value.requires_grad:
-            value.register_hook(functools.partial(self._backward_done, self.generation))
+            value.register_hook(self._backward_pass)
         self.values = {id(m): (weakref.ref(m), [(t, t._version, t.data_ptr()) for t in ts], part)
                        for m, part, *ts in zip(members, parts, *tensors)}
-        self.asked, self.live = {id(module): weakref.ref(module)}, True
+        self.asked, self.computed_after = {id(module): weakref.ref(module)}, self.shared.backward_passes
         return self.values[id(module)][2]
 
-    def _backward_done(self, generation, grad):
-        if generation == self.generation:  # its graph is freed: the next pass derives again
-            self.live, self.values = False, {}
+    def _backward_pass(self, grad):
+        self.shared.backward_passes += 1  # every value of the adapter is stale now
+        self.values = {}  # this one's graph is freed: let it go
 
 
 def _outside_checkpoints(derive, inputs) -> torch.Tensor:
