@@ -47,6 +47,28 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.1) -> None:
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
+def count_derivations(monkeypatch) -> list:
+    """Records the name of every computation of a tensor derived from adapter parameters (``base.derived``'s
+    functions: OFT's rotations, ETHER's vectors and blocks) and of COFT's rotation (``base.inference_cached``)."""
+    from peftlab.adapters import base, ether, oft
+
+    calls = []
+
+    def counting(module, name, derive, attributes):
+        def counted(*tensors):
+            calls.append(name)
+            return derive(*tensors)
+        return base.derived(module, name, counted, attributes)
+
+    def counting_cache(module, name, compute):
+        return base.inference_cached(module, name, lambda: calls.append(name) or compute())
+
+    for method in (ether, oft):
+        monkeypatch.setattr(method, "derived", counting)
+    monkeypatch.setattr(oft, "inference_cached", counting_cache)
+    return calls
+
+
 def logits(model, tokens, **kwargs):
     with torch.no_grad():
         return model(tokens, **kwargs).logits

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from conftest import randomize_adapters
-from peftlab.adapters import EtherConfig, EtherPlusConfig, EtherPlusHHConfig, OftConfig, base, ether, oft
+from conftest import count_derivations, randomize_adapters
+from peftlab.adapters import EtherConfig, EtherPlusConfig, EtherPlusHHConfig, OftConfig, base
 from peftlab.inject import add_adapter, set_active
 from peftlab.models import tiny_model
 
@@ -29,20 +29,6 @@ def adapted(config, names=("default",)):
 def batches(shape, count, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(4, 262, shape, generator=generator) for _ in range(count)]
-
-
-def count_derivations(monkeypatch) -> list:
-    calls = []
-
-    def counting(module, name, derive, attributes):
-        def counted(*tensors):
-            calls.append(name)
-            return derive(*tensors)
-        return base.derived(module, name, counted, attributes)
-
-    for method in (ether, oft):
-        monkeypatch.setattr(method, "derived", counting)
-    return calls
 
 
 def train(model, steps, batched: bool, monkeypatch, accumulate=2, shape=(2, 12)):

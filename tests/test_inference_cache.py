@@ -3,11 +3,10 @@ autograd is off (generation, evaluation), and recomputed as soon as a parameter 
 import pytest
 import torch
 
-from conftest import randomize_adapters
+from conftest import count_derivations, randomize_adapters
 from peftlab.adapters import AdapterLayer, EtherConfig, EtherPlusConfig, EtherPlusHHConfig, OftConfig, VeraConfig, base
-from peftlab.adapters import ether, oft
 from peftlab.adapters.vera import VeraAdapter
-from peftlab.inject import adapter_layers, add_adapter
+from peftlab.inject import add_adapter
 from peftlab.models import tiny_model
 
 CACHED = {"oft": OftConfig(block_size=8), "ether": EtherConfig(target_modules="all-linear", n_blocks=4),
@@ -30,26 +29,6 @@ def fresh_logits(model, tokens):
 def cached_logits(model, tokens):
     with torch.no_grad():
         return model(tokens).logits
-
-
-def count_derivations(monkeypatch) -> list:
-    """Counts the computations of tensors derived from adapter parameters (``base.derived``'s functions:
-    OFT's rotations, ETHER's vectors and blocks) and of COFT's rotation (``base.inference_cached``)."""
-    calls = []
-
-    def counting(module, name, derive, attributes):
-        def counted(*tensors):
-            calls.append(name)
-            return derive(*tensors)
-        return base.derived(module, name, counted, attributes)
-
-    def counting_cache(module, name, compute):
-        return base.inference_cached(module, name, lambda: calls.append(name) or compute())
-
-    for method in (ether, oft):
-        monkeypatch.setattr(method, "derived", counting)
-    monkeypatch.setattr(oft, "inference_cached", counting_cache)
-    return calls
 
 
 @pytest.mark.parametrize("name", list(CACHED))
