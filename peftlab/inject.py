@@ -18,8 +18,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from peftlab.adapters.base import (ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D, linear_features, share_derivations,
-                                   method_class)
+from peftlab.adapters.base import (ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D, linear_features,
+                                   method_class, share_derivations)
 from peftlab.methods import attached
 
 _LINEAR_TYPES = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
