@@ -272,7 +272,8 @@ def share_derivations(adapters: Iterable[nn.Module]) -> None:
             _SHARED[module] = shared
 
 
-def derived(module: nn.Module, name: str, derive: Callable[..., torch.Tensor], attributes: tuple[str, ...]) -> torch.Tensor:
+def derived(module: nn.Module, name: str, derive: Callable[..., torch.Tensor],
+            attributes: tuple[str, ...]) -> torch.Tensor:
     """``derive(*tensors)`` of ``module``'s tensors named ``attributes`` (OFT's rotations from θ, ETHER+'s
     blocks from u and v), for a ``derive`` that treats each index of the tensors' first dimension on its own.
 
@@ -362,8 +363,9 @@ def _same_tensors(state: list, inputs: list) -> bool:
 
 
 def _stackable(tensors: list, first: torch.Tensor) -> bool:
-    return all(t is not None and type(t) is type(first) and t.dim() == first.dim() and t.shape[1:] == first.shape[1:]
-               and t.dtype == first.dtype and t.device == first.device for t in tensors)
+    return all(t is not None and type(t) is type(first) and t.dim() == first.dim()
+               and t.shape[1:] == first.shape[1:] and t.dtype == first.dtype and t.device == first.device
+               for t in tensors)
 
 
 def _parameter_state(module: nn.Module) -> list:
