@@ -118,6 +118,21 @@ def test_inactive_adapter_gets_no_gradient(monkeypatch):
                 assert (p.grad is not None) == used, name
 
 
+@pytest.mark.parametrize("name", ["oft", "etherplus_hh"])
+def test_layer_that_does_not_reach_the_loss_gets_no_gradient(name, monkeypatch):
+    """The second layer runs but the loss reads the first layer's output (as the last layer of Bitune's
+    bidirectional pass, which only gives keys and values): its parameters get None, as layer by layer."""
+    monkeypatch.setattr(base, "BATCH_ACROSS_LAYERS", True)
+    model = adapted(METHODS[name])
+    tokens = batches((2, 12), 1)[0]
+    for _ in range(3):  # the first pass layer by layer, then batched
+        model.zero_grad(set_to_none=True)
+        model(tokens, output_hidden_states=True).hidden_states[1].pow(2).sum().backward()
+        for parameter_name, p in model.named_parameters():
+            if ".adapters." in parameter_name:
+                assert (p.grad is None) == (".layers.1." in parameter_name), parameter_name
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_checkpointed_layers(reentrant, monkeypatch):
     """Gradient checkpointing recomputes each layer in the backward pass: the same gradients."""

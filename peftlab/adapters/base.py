@@ -300,9 +300,8 @@ class _Batch:
 
     The batch holds every layer that asked since the last one was computed, i.e. the layers of the previous
     pass (the first pass derives each layer alone). Its value serves a layer until a backward pass goes
-    through any value of the adapter (hooked on their gradients; it frees their graphs, and an optimizer step
-    may follow) or the layer's tensors change in place: gradient accumulation's next pass derives again too.
-    A layer that asks while the value is in use but is not in it derives alone and joins the next batch."""
+    through any value of the adapter (``_Together``'s backward; an optimizer step may follow) or the layer's
+    tensors change in place: gradient accumulation's next pass derives again too. A layer that asks while the value is in use but is not in it derives alone and joins the next batch."""
 
     def __init__(self, shared: _Derivations, attributes: tuple[str, ...]):
         self.shared, self.attributes = shared, attributes
@@ -331,18 +330,55 @@ class _Batch:
             # layer's forward. Each layer derives its own from now on.
             self.unstackable, self.asked, self.values = True, {}, {}
             return _outside_checkpoints(derive, inputs)
-        value = _outside_checkpoints(derive, [torch.cat(group) for group in tensors])
-        parts = value.split([t.shape[0] for t in tensors[0]])
-        if value.requires_grad:
-            value.register_hook(self._backward_pass)
+        sizes = [t.shape[0] for t in tensors[0]]
+        if any(t.requires_grad for group in tensors for t in group):
+            parts = _Together.apply(self, derive, sizes, *(t for group in tensors for t in group))
+        else:
+            parts = _outside_checkpoints(derive, [torch.cat(group) for group in tensors]).split(sizes)
         self.values = {id(m): (weakref.ref(m), [(t, t._version, t.data_ptr()) for t in ts], part)
                        for m, part, *ts in zip(members, parts, *tensors)}
         self.asked, self.computed_after = {id(module): weakref.ref(module)}, self.shared.backward_passes
         return self.values[id(module)][2]
 
-    def _backward_pass(self, grad):
+    def backward_pass(self):
         self.shared.backward_passes += 1  # every value of the adapter is stale now
-        self.values = {}  # this one's graph is freed: let it go
+        self.values = {}  # let this one's graph go
+
+
+class _Together(torch.autograd.Function):
+    """The layers' values of one ``_Batch`` as one autograd node: ``derive`` of their concatenated tensors, split.
+
+    Autograd alone (cat, derive, split) would give zeros to a layer whose value got no gradient (a layer that
+    ran but does not reach the loss, such as the last layer of Bitune's bidirectional pass), and AdamW moves a
+    parameter with a zero gradient by its weight decay; this backward gives it none, as deriving alone would.
+    Inputs: for each attribute, the layers' tensors in order."""
+
+    @staticmethod
+    def forward(ctx, batch, derive, sizes, *tensors):
+        layers = len(sizes)
+        with torch.enable_grad():
+            ctx.inputs = [torch.cat([t.detach() for t in tensors[i:i + layers]]).requires_grad_()
+                          for i in range(0, len(tensors), layers)]
+            ctx.value = _outside_checkpoints(derive, ctx.inputs)
+        ctx.batch, ctx.sizes = batch, sizes
+        ctx.set_materialize_grads(False)
+        return tuple(ctx.value.detach().split(sizes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.batch.backward_pass()
+        none = [None] * (3 + len(ctx.inputs) * len(grads))
+        if all(g is None for g in grads):
+            return tuple(none)
+        full = torch.cat([ctx.value.new_zeros(part.shape) if g is None else g
+                          for g, part in zip(grads, ctx.value.split(ctx.sizes))])
+        # The graph is kept for another backward pass through the caller's graph (retain_graph), freed with it.
+        input_grads = torch.autograd.grad(ctx.value, ctx.inputs, full, retain_graph=True, allow_unused=True)
+        out = []
+        for input_grad in input_grads:
+            parts = [None] * len(grads) if input_grad is None else input_grad.split(ctx.sizes)
+            out += [None if g is None else part for g, part in zip(grads, parts)]
+        return (None, None, None, *out)
 
 
 def _outside_checkpoints(derive, inputs) -> torch.Tensor:
