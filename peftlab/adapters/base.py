@@ -301,7 +301,8 @@ class _Batch:
     The batch holds every layer that asked since the last one was computed, i.e. the layers of the previous
     pass (the first pass derives each layer alone). Its value serves a layer until a backward pass goes
     through any value of the adapter (``_Together``'s backward; an optimizer step may follow) or the layer's
-    tensors change in place: gradient accumulation's next pass derives again too. A layer that asks while the value is in use but is not in it derives alone and joins the next batch."""
+    tensors change in place: gradient accumulation's next pass derives again too. A layer that asks while the
+    value is in use but is not in it derives alone and joins the next batch."""
 
     def __init__(self, shared: _Derivations, attributes: tuple[str, ...]):
         self.shared, self.attributes = shared, attributes
