@@ -366,6 +366,7 @@ class _Together(torch.autograd.Function):
         return tuple(ctx.value.detach().split(sizes))
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative through it is an error, not a wrong value
     def backward(ctx, *grads):
         ctx.batch.backward_pass()
         none = [None] * (3 + len(ctx.inputs) * len(grads))
