@@ -186,9 +186,13 @@ class _BlockTransform(nn.Module):
             if self.v is not None:
                 self.v.copy_(-self.u)  # v = −u: H⁺ = I − ûûᵀ + ûûᵀ = I exactly
 
+    def vectors(self) -> torch.Tensor:
+        """P, (n, b, k): û, or [û, v̂] for ETHER+."""
+        return derived(self, "vectors", _plus_vectors if self.plus else _reflection_vectors, self.vector_names)
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, Q), each (n, b, k), with H_i = I + Q_i P_iᵀ."""
-        p = derived(self, "vectors", _plus_vectors if self.plus else _reflection_vectors, self.vector_names)
+        p = self.vectors()
         return p, _with_signs(p)
 
     def dense_blocks(self) -> torch.Tensor:
@@ -197,7 +201,7 @@ class _BlockTransform(nn.Module):
 
     def inverse_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(P, Q') with H_i⁻¹ = I + Q'_i P_iᵀ, in float64 (``_inverse_factors``)."""
-        p = self.factors()[0].double()
+        p = self.vectors().double()
         return _inverse_factors(p, _with_signs(p))
 
     def blocks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -206,7 +210,7 @@ class _BlockTransform(nn.Module):
         H = self.dense_blocks()
         if not self.plus:
             return H, H.detach()  # a reflection is its own inverse
-        p = self.factors()[0].detach()
+        p = self.vectors().detach()
         if (p[..., 0] * p[..., 1]).sum(-1).abs().min() < MIN_COSINE:
             return None
         return H, derived(self, "inverse_blocks", _plus_inverse_blocks, self.vector_names).to(H.dtype)
