@@ -336,7 +336,7 @@ class _Batch:
             parts = _Together.apply(self, derive, sizes, *(t for group in tensors for t in group))
         else:
             parts = _outside_checkpoints(derive, [torch.cat(group) for group in tensors]).split(sizes)
-        self.values = {id(m): (weakref.ref(m), [(t, t._version, t.data_ptr()) for t in ts], part)
+        self.values = {id(m): (weakref.ref(m), _tensor_state(ts), part)
                        for m, part, *ts in zip(members, parts, *tensors)}
         self.asked, self.computed_after = {id(module): weakref.ref(module)}, self.shared.backward_passes
         return self.values[id(module)][2]
@@ -406,10 +406,14 @@ def _stackable(tensors: list, first: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _parameter_state(module: nn.Module) -> list:
+def _tensor_state(tensors: Iterable[torch.Tensor]) -> list:
     # The tensors are held with their addresses: while held, their memory cannot go to a new tensor, whose
     # address and version counter could otherwise match a stale entry (functional_call's swapped tensors).
-    return [(p, p._version, p.data_ptr()) for p in module.parameters()]
+    return [(t, t._version, t.data_ptr()) for t in tensors]
+
+
+def _parameter_state(module: nn.Module) -> list:
+    return _tensor_state(module.parameters())
 
 
 def _unchanged(state: list, module: nn.Module) -> bool:
