@@ -3,7 +3,7 @@
     .venv/bin/python bench/lora_parts.py                   # embedded SmolLM2-135M, batch 4 x 128, r 8
     .venv/bin/python bench/lora_parts.py --rounds 16
 
-Three steps of the same model kind, paired (one step of each per round, the order reversing each round):
+Three steps of the same model kind, paired (one step of each per round, the order rotating each round):
 
   base      the frozen base model, activation gradients only (as in bench/lora_step.py);
   lora      peftlab's LoRA on every linear layer, as trained;
@@ -20,9 +20,8 @@ model than the sum of their warm costs. Results go to ``--out`` (JSON).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +37,16 @@ from peftlab.adapters.base import AdapterLayer  # noqa: E402
 from peftlab.models import EMBEDDED_MODEL  # noqa: E402
 
 LORA_FUNCTION = lora._LoraLinear
+
+
+@contextmanager
+def lora_function(function):
+    """LoRA's layers run ``function`` (``_LoraLinear`` or ``_FrameOnly``) inside the block."""
+    lora._LoraLinear = function
+    try:
+        yield
+    finally:
+        lora._LoraLinear = LORA_FUNCTION
 
 
 class _FrameOnly(torch.autograd.Function):
@@ -72,7 +81,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.rounds < 3:
         p.error("--rounds must be at least 3")
-    args.methods = ["lora"]  # what adapters.build reads
     return args
 
 
@@ -80,22 +88,24 @@ def isolated_layer_costs(model: torch.nn.Module, tokens: int, repeats: int = 40)
     """Per adapted layer shape: seconds of forward + backward of the frozen layer, and what the adapted layer
     takes above it, with its products (``lora``) and without (``frame``); warm, on ``tokens`` tokens; and the
     model's count of layers of that shape."""
-    shapes = Counter((m.in_features, m.out_features) for m in model.modules() if isinstance(m, AdapterLayer))
+    by_shape: dict[tuple[int, int], list[AdapterLayer]] = {}
+    for m in model.modules():
+        if isinstance(m, AdapterLayer):
+            by_shape.setdefault((m.in_features, m.out_features), []).append(m)
     costs = {}
-    for (d_in, d_out), count in shapes.items():
-        layer = next(m for m in model.modules() if isinstance(m, AdapterLayer)
-                     and (m.in_features, m.out_features) == (d_in, d_out))
+    for (d_in, d_out), layers in by_shape.items():
+        layer, count = layers[0], len(layers)
         x = torch.randn(tokens, d_in, requires_grad=True)
         grad = torch.randn(tokens, d_out)
-        variants = {"frozen": (LORA_FUNCTION, layer.base), "lora": (LORA_FUNCTION, layer), "frame": (_FrameOnly, layer)}
+        variants = {"frozen": (LORA_FUNCTION, layer.base), "lora": (LORA_FUNCTION, layer),
+                    "frame": (_FrameOnly, layer)}
         runs = {name: [] for name in variants}
         for _ in range(repeats):
             for name, (function, module) in variants.items():
-                lora._LoraLinear = function
-                runs[name].append(common.timed(lambda: module(x).backward(grad)))
-        lora._LoraLinear = LORA_FUNCTION
+                with lora_function(function):
+                    runs[name].append(common.timed(lambda: module(x).backward(grad)))
         frozen = common.median(runs["frozen"])
-        costs[f"{d_in}x{d_out}"] = {"layers": count, "frozen_s": frozen,
+        costs[f"{d_in}x{d_out}"] = {"in": d_in, "out": d_out, "layers": count, "frozen_s": frozen,
                                    "lora_extra_s": common.median(runs["lora"]) - frozen,
                                    "frame_extra_s": common.median(runs["frame"]) - frozen}
     model.zero_grad(set_to_none=True)
@@ -114,18 +124,15 @@ def main(argv=None) -> dict:
 
     def run(name: str) -> float:
         function, fn = steps[name]
-        lora._LoraLinear = function
-        try:
+        with lora_function(function):
             return common.timed(fn, args.device)
-        finally:
-            lora._LoraLinear = LORA_FUNCTION
 
     for name in steps:  # warm-up
         run(name)
     common.wait_for_quiet(log=lambda m: print(m, flush=True))
     times = {name: [] for name in steps}
-    for r in tqdm(range(args.rounds), desc="rounds", unit="round"):
-        for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
+    for order in tqdm(common.round_robin(steps, args.rounds), total=args.rounds, desc="rounds", unit="round"):
+        for name in order:
             times[name].append(run(name))
     ratios = {n: common.median([t / b for t, b in zip(times[n], times["base"])]) for n in steps}
     base_s = common.median(times["base"])
@@ -138,25 +145,27 @@ def main(argv=None) -> dict:
     rows = [["lora", f"{ratios['lora'] - 1:.3f}", f"{isolated['lora']:.3f}", "the whole adapter"],
             ["frame", f"{ratios['frame'] - 1:.3f}", f"{isolated['frame']:.3f}",
              "wrappers, autograd function, saved inputs (+ optimizer in the model)"],
-            ["products", f"{products_in_model:.3f}", f"{isolated['lora'] - isolated['frame']:.3f}", "the rank-r products"]]
+            ["products", f"{products_in_model:.3f}", f"{isolated['lora'] - isolated['frame']:.3f}",
+             "the rank-r products"]]
     print(f"batch {args.batch} x {args.seq}; frozen base {base_s:.3f} s per step; {args.rounds} paired rounds")
     print(common.format_table(["part", "in the model (x base)", "layers alone, warm (x base)", "what"], rows))
     print("layers alone, per adapted shape (in x out): ms of forward + backward above the frozen layer's")
     for shape, c in costs.items():
-        print(f"  {shape} ({c['layers']} layers): lora +{c['lora_extra_s'] * 1e3:.3f}, frame +{c['frame_extra_s'] * 1e3:.3f}"
-              f" on {c['frozen_s'] * 1e3:.3f} ms")
+        print(f"  {shape} ({c['layers']} layers): lora +{c['lora_extra_s'] * 1e3:.3f}, "
+              f"frame +{c['frame_extra_s'] * 1e3:.3f} on {c['frozen_s'] * 1e3:.3f} ms")
     result = {"benchmark": "lora_parts", "date": common.now_iso(), "machine": common.machine_info(args.device),
               "command": "python bench/lora_parts.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "settings": vars(args), "step_seconds": times, "vs_base": ratios,
               "overhead_vs_base": {"in_model": {"lora": ratios["lora"] - 1, "frame": ratios["frame"] - 1,
                                                  "products": products_in_model},
-                                    "layers_alone_warm": {**isolated, "products": isolated["lora"] - isolated["frame"]}},
+                                    "layers_alone_warm": {**isolated,
+                                                          "products": isolated["lora"] - isolated["frame"]}},
               "isolated_layers": costs}
     # The products' share of the adapted layers' multiply-adds (3r(in + out) per token against the frozen
     # layer's 2·in·out, forward and ∂x) beside their share of those layers' time: their relative efficiency.
     r = next(m for m in model.modules() if isinstance(m, lora.LoraAdapter)).config.r
-    flops = sum(c["layers"] * 3 * r * sum(map(int, s.split("x"))) for s, c in costs.items())
-    frozen_flops = sum(c["layers"] * 2 * math.prod(map(int, s.split("x"))) for s, c in costs.items())
+    flops = sum(c["layers"] * 3 * r * (c["in"] + c["out"]) for c in costs.values())
+    frozen_flops = sum(c["layers"] * 2 * c["in"] * c["out"] for c in costs.values())
     products_time = sum(c["layers"] * (c["lora_extra_s"] - c["frame_extra_s"]) for c in costs.values())
     frozen_time = sum(c["layers"] * c["frozen_s"] for c in costs.values())
     result["products_share"] = {"flops": flops / frozen_flops, "time_alone": products_time / frozen_time}
