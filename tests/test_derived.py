@@ -53,16 +53,21 @@ def train(model, steps, batched: bool, monkeypatch, accumulate=2, shape=(2, 12))
 def test_batched_training_equals_layer_by_layer(name, shape, monkeypatch):
     batched_model, reference = adapted(METHODS[name]), adapted(METHODS[name])
     calls = count_derivations(monkeypatch)
-    losses, grads = train(batched_model, 3, True, monkeypatch, shape=shape)
+    accumulate = 2
+    losses, grads = train(batched_model, 3, True, monkeypatch, accumulate, shape)
     batched_calls = len(calls)
     calls.clear()
-    expected_losses, expected_grads = train(reference, 3, False, monkeypatch, shape=shape)
-    per_pass = len(calls) / 6  # layer by layer, every pass derives the same tensors
+    expected_losses, expected_grads = train(reference, 3, False, monkeypatch, accumulate, shape)
+    per_pass = len(calls) / (3 * accumulate)  # layer by layer, every pass derives the same tensors
     assert batched_calls - per_pass < 5 * per_pass / 2  # batched after the first pass: a call per block size
-    assert losses == pytest.approx(expected_losses, abs=1e-6)
-    for step, expected in zip(grads, expected_grads):
-        for g, e in zip(step, expected):
-            assert (g - e).abs().max() <= 1e-5 * max(1.0, e.abs().max().item())
+    # The first step's gradients agree to rounding. Adam then turns rounding-sized differences of near-zero
+    # gradients into differences up to lr in some parameters, so later steps agree to a looser bound, still
+    # well below what a stale or misplaced derived tensor costs (about lr = 1e-2 relative).
+    assert losses[:accumulate] == pytest.approx(expected_losses[:accumulate], abs=1e-6)
+    assert losses == pytest.approx(expected_losses, abs=1e-5)
+    for step, (got, expected) in enumerate(zip(grads, expected_grads)):
+        for g, e in zip(got, expected):
+            assert (g - e).abs().max() <= (1e-6 if step == 0 else 1e-4) * max(1.0, e.abs().max().item())
 
 
 def test_one_value_serves_the_pass_and_the_next_step_sees_new_parameters(monkeypatch):
