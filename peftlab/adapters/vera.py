@@ -15,8 +15,10 @@ Differences from PEFT: A and B are not module buffers but one memoised copy per 
 dtype), regenerated from the seed and never written to peftlab's adapter file; the PEFT export does
 write them (``save_projection=True``). The merge computes ΔW in float32 on every device.
 
-Λ_b multiplies B (out × r numbers) on calls with more than r tokens, and the outputs (tokens × out) on
-calls with fewer, such as decoding: whichever is smaller.
+The branch y = B Λ_d A x is formed and Λ_b scales it as the output accumulates (one elementwise pass), so
+backward finds ∂b = Σ_tokens ∂h ⊙ y from the kept y. Folding Λ_b into B instead (one GEMM, nothing
+kept) needs ∂(Λ_b B) = ∂hᵀ (Λ_d A x) in backward, a third rank-r product per layer: 7–14 % more of the
+adapter's time per layer on AVX-512 (2026-11-30), for T × out fewer saved numbers (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -127,13 +129,8 @@ class VeraAdapter(Adapter):
         A, B = A[:, :self.in_features], B[:self.out_features]
         b, d = self.lambda_b.to(result.dtype), self.lambda_d.to(result.dtype)
         x2 = self.dropout(self.branch(x)).reshape(-1, self.in_features)
-        h = (x2 @ A.t()) * d  # Λ_d A x, (tokens × r)
-        result2 = result.reshape(-1, self.out_features)
-        if x2.shape[0] <= self.config.r:  # decoding: Λ_b scales the few tokens' outputs, not all of B
-            return result2.addcmul(h @ B.t(), b).view(result.shape)
-        # W0 x + Λ_b B h as one GEMM: Λ_b folds into B (out × r), never into a per-token tensor.
-        out = torch.addmm(result2, h, (b[:, None] * B).t())
-        return out.view(result.shape)
+        y = ((x2 @ A.t()) * d) @ B.t()  # B Λ_d A x, (tokens × out)
+        return result.reshape(-1, self.out_features).addcmul(y, b).view(result.shape)  # W0 x + Λ_b y
 
     def delta_weight(self):  # ΔW = Λ_b B_s Λ_d A_s, in float32 (merged_weight casts to the weight's dtype)
         A, B = self.projections()
