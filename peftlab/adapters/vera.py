@@ -16,9 +16,9 @@ dtype), regenerated from the seed and never written to peftlab's adapter file; t
 write them (``save_projection=True``). The merge computes ΔW in float32 on every device.
 
 The branch y = B Λ_d A x is formed and Λ_b scales it as the output accumulates (one elementwise pass), so
-backward finds ∂b = Σ_tokens ∂h ⊙ y from the kept y. Folding Λ_b into B instead (one GEMM, nothing
-kept) needs ∂(Λ_b B) = ∂hᵀ (Λ_d A x) in backward, a third rank-r product per layer: 7–14 % more of the
-adapter's time per layer on AVX-512 (2026-11-30), for T × out fewer saved numbers (docs/benchmarks.md).
+backward finds ∂b = Σ_tokens ∂h ⊙ y from the kept y (∂h: the output's gradient). Folding Λ_b into B
+instead keeps no y but needs ∂(Λ_b B) = ∂hᵀ (Λ_d A x), a third rank-r product per layer: the whole step
+7 % slower for 8 % less peak memory on the embedded model (docs/benchmarks.md, 2026-11-30).
 """
 from __future__ import annotations
 
