@@ -107,7 +107,13 @@ class BottleneckAdapter(Adapter):
     def adapt(self, residual: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """residual + s · U φ(D · dropout(branch(z)))."""
         h = self.act(F.linear(self.dropout(self.branch(z)), self.adapter_down))
-        return residual + self.adapter_scaling * F.linear(h, self.adapter_up)
+        s = self.adapter_scaling
+        if isinstance(s, nn.Parameter):
+            return residual + s * F.linear(h, self.adapter_up)
+        # A fixed s: one GEMM accumulates into the residual, with no scaled copy of the output either way.
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]),
+                          self.adapter_up.t(), alpha=s)
+        return out.view(residual.shape)
 
     def forward(self, x, inner):
         if self.placement == "pre":
