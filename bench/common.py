@@ -307,6 +307,9 @@ def _version(package: str) -> str | None:
 def machine_info(device: str | torch.device = "cpu") -> dict:
     info = {
         "cpu": cpu_model(),
+        # the vector unit ATen's kernels use (AVX2, AVX512): VMs of one model name differ in it, and the
+        # adapters' ratios to the base with it (docs/benchmarks.md, 2026-11-30 late)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "affinity_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -330,7 +333,8 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
 
 def describe(info: dict) -> str:
     """One line for logs and docs: 'AMD EPYC, 2 cores (2 torch threads), torch 2.x, ...'."""
-    where = info.get("gpu") or f"{info['cpu']}, {info['affinity_cores'] or info['cpu_count']} cores"
+    where = info.get("gpu") or (f"{info['cpu']} ({info.get('cpu_capability', '?')}), "
+                                f"{info['affinity_cores'] or info['cpu_count']} cores")
     return (f"{where} ({info['torch_threads']} torch threads), torch {info['torch']}, "
             f"transformers {info['transformers']}, peft {info['peft']}")
 
