@@ -332,7 +332,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict:
 
 
 def describe(info: dict) -> str:
-    """One line for logs and docs: 'AMD EPYC, 2 cores (2 torch threads), torch 2.x, ...'."""
+    """One line for logs and docs: 'AMD EPYC (AVX512), 2 cores (2 torch threads), torch 2.x, ...'."""
     where = info.get("gpu") or (f"{info['cpu']} ({info.get('cpu_capability', '?')}), "
                                 f"{info['affinity_cores'] or info['cpu_count']} cores")
     return (f"{where} ({info['torch_threads']} torch threads), torch {info['torch']}, "
