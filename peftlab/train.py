@@ -300,9 +300,9 @@ def reuse_freed_memory() -> bool:
 
     A step allocates and frees the same large tensors (activations, the logits) every time. By default glibc
     maps blocks above its mmap threshold fresh and unmaps them when freed, so every step first touches new
-    pages: about 98 k page faults per step for the embedded model at 4 × 128, and the step 7–10 % slower on
+    pages: about 98 k page faults per step for the embedded model at 4 × 128, and the step 3–10 % slower on
     the 2-core VMs measured (docs/benchmarks.md). With the thresholds raised to 1 GiB and 2 GiB, freed blocks
-    stay in the heap and the next step reuses them; the process keeps up to its peak (peak RSS about 4 % higher).
+    stay in the heap and the next step reuses them; the process keeps up to its peak (peak RSS 2–5 % higher).
     A process-wide setting: ``PEFTLAB_MALLOC=default`` leaves the allocator alone; other C libraries are left alone.
     """
     if os.environ.get("PEFTLAB_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
@@ -326,6 +326,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
     ``save_fn(model, directory)`` writes the final adapter (default: ``peftlab.io.save_adapter``).
     ``stop_after_steps`` stops early with a checkpoint, as a killed job would; ``resume`` continues.
     The run directory must have been checked with ``prepare_run_dir`` (the CLI does this).
+    On CPU it calls ``reuse_freed_memory()``, a process-wide allocator setting (``PEFTLAB_MALLOC=default``: not).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
