@@ -275,6 +275,7 @@ class TrainResult:
 def prepare_run_dir(output_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Refuse to reuse a directory that holds a run, unless resuming or ``overwrite`` (which removes
     only the files of the old run)."""
+    malloc_setting()  # the run's environment is checked before an old run is removed
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output path {path} is a file: choose a directory path")
@@ -295,6 +296,15 @@ def prepare_run_dir(output_dir: str | Path, overwrite: bool = False, resume: boo
 _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -3, -1
 
 
+def malloc_setting() -> str:
+    """``PEFTLAB_MALLOC``: "" (unset, freed memory kept for reuse) or "default"; anything else is an error."""
+    setting = os.environ.get("PEFTLAB_MALLOC", "")
+    if setting not in ("", "default"):
+        raise TrainConfigError(f"PEFTLAB_MALLOC={setting!r} is not a setting: unset it (freed memory is kept for "
+                               "reuse) or set it to 'default' (glibc's own behaviour)")
+    return setting
+
+
 def reuse_freed_memory() -> bool:
     """Have glibc keep the memory of freed large tensors for reuse; whether it did. CPU training only.
 
@@ -305,7 +315,7 @@ def reuse_freed_memory() -> bool:
     stay in the heap and the next step reuses them; the process keeps up to its peak (peak RSS 2–5 % higher).
     A process-wide setting: ``PEFTLAB_MALLOC=default`` leaves the allocator alone; other C libraries are left alone.
     """
-    if os.environ.get("PEFTLAB_MALLOC", "").lower() == "default" or not sys.platform.startswith("linux"):
+    if malloc_setting() == "default" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

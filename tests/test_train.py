@@ -167,3 +167,13 @@ def test_freed_memory_is_reused_on_cpu():
     assert reused < 1000  # the freed block serves again: no fresh pages
     kept, fresh = faults({"PEFTLAB_MALLOC": "default"})
     assert not kept and fresh > 16_000  # 64 MiB of fresh 4 KiB pages (fewer only with huge pages)
+
+
+def test_unknown_malloc_setting_is_an_error_before_an_old_run_is_removed(monkeypatch, tmp_path):
+    from peftlab.train import reuse_freed_memory
+    (tmp_path / "run.json").write_text("{}")
+    monkeypatch.setenv("PEFTLAB_MALLOC", "off")
+    for call in (reuse_freed_memory, lambda: prepare_run_dir(tmp_path, overwrite=True)):
+        with pytest.raises(TrainConfigError, match="PEFTLAB_MALLOC='off' is not a setting: unset it"):
+            call()
+    assert (tmp_path / "run.json").read_text() == "{}"
