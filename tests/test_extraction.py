@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from peftlab.evaluation.arithmetic import extract_letter, extract_number, is_correct
+from peftlab.data import DataError, Example
+from peftlab.evaluation.arithmetic import check_golds, extract_letter, extract_number, gold_letter, is_correct
 from peftlab.evaluation.choice import extract_label
 from conftest import shared_data
 
@@ -55,7 +56,14 @@ CORRECT_CASES = [  # (response, gold, correct) with the 0.001 tolerance
     ("No idea.", "0", False),  # +inf never matches
     ("The answer is 8", "8", True),
     ("The answer is 14,400", "14,400", True),  # a comma in the gold answer is removed too
-    ("The answer is 5", "five", False),  # a gold answer that is not a number never matches
+    ("The answer is $1,000.", "#### $1,000", True),  # gold answers in the forms datasets store them
+    ("The answer is 5", "$5", True),
+    ("The answer is 12.5%", "12.5%", True),
+    ("The answer is 0.75", "3/4", True),
+    ("The answer is 5", "5 apples", True),
+    ("The answer is -5", "\u22125", True),  # a Unicode minus sign
+    ("The answer is 72.", "She sold 48 + 24 = 72 clips. The answer is 72.", True),  # a worked solution
+    ("The answer is 48", "She sold 48 + 24 = 72 clips. The answer is 72.", False),
 ]
 
 
@@ -94,7 +102,25 @@ LETTER_CASES = [  # AQuA: the first capital A-E anywhere, case-sensitive, as pub
 @pytest.mark.parametrize("response,expected", LETTER_CASES)
 def test_extract_letter(response, expected):
     assert extract_letter(response) == expected
-    assert is_correct(response, expected or "Z", letters=True) is (expected is not None)
+    for gold in "ABCDE":
+        assert is_correct(response, gold, letters=True) is (gold == expected)
+
+
+@pytest.mark.parametrize("gold", ["B", " B ", "(B)", "b", "B)", "B."])
+def test_gold_letters_in_any_common_form(gold):
+    assert gold_letter(gold) == "B" and is_correct("The answer is (B).", gold, letters=True)
+
+
+@pytest.mark.parametrize("gold, letters", [("five", False), ("5 to 6", False), ("", False), ("nan", False), ("Z", True),
+                                           ("(B) 35", True)])
+def test_an_unreadable_gold_answer_is_an_error_before_generation(gold, letters):
+    """Never a silent zero: the first unreadable gold answer is named, with the fix."""
+    examples = [Example("q", answer="B" if letters else "7"), Example("q", answer=gold)]
+    with pytest.raises(DataError) as info:
+        check_golds(examples, letters, source="test.json")
+    message = str(info.value)
+    assert message.startswith("test.json example 2: gold answer") and "store the final answer alone" in message
+    assert "\n" not in message
 
 
 ANSWERS = tuple(f"answer{i}" for i in range(1, 6))

@@ -97,8 +97,7 @@ def run_task(model, tokenizer, name: str, data: str | Path, out_dir: str | Path 
     start = time.perf_counter()
     if task.kind == "arithmetic":
         examples = load_examples(str(path), limit)
-        if any(e.answer is None for e in examples):
-            raise DataError(f"{path} has records without an 'answer' field: arithmetic scoring needs gold answers")
+        arithmetic.check_golds(examples, letters=task.style == "letters", source=str(path))
         records = arithmetic.answer(model, tokenizer, examples, template, max_new_tokens or 256, batch_size,
                                     letters=task.style == "letters", progress=progress)
         metrics = {"acc": sum(r["correct"] for r in records) / len(records)}
