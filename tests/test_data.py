@@ -211,6 +211,16 @@ def test_truncation_counts(tok):
         tokenize_examples([short], tok, "plain", max_length=0)
 
 
+def test_evaluation_records_may_carry_the_answer_without_an_output(tmp_path, tok):
+    """{instruction, answer} is a gold-only evaluation record; training on nothing but such records is refused."""
+    path = write_json(tmp_path, "eval.json", [{"instruction": "2 + 3?", "answer": "5"}])
+    assert load_examples(path) == [Example("2 + 3?", "", "", "5")]
+    with pytest.raises(DataError, match="none of the 1 examples has an 'output' to learn from"):
+        tokenize_examples(load_examples(path), tok, "plain")
+    mixed = load_examples(path) + [Example("Hi", "", "ok")]
+    assert len(tokenize_examples(mixed, tok, "plain")) == 2  # an empty output among others is still an example
+
+
 def test_collate_pads_both_sides():
     features = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
     right = collate(features, pad_token_id=0)

@@ -45,6 +45,9 @@ def tokenize_examples(examples: list[Example], tokenizer, template, max_length: 
     pairs = [template.render(example) for example in examples]
     if not pairs:
         raise DataError("no examples to tokenize: load a non-empty data source first")
+    if not any(response.strip() for _, response in pairs):
+        raise DataError(f"none of the {len(pairs)} examples has an 'output' to learn from (an evaluation file "
+                        "with gold answers only?): train on records that carry their response in 'output'")
     # One batched call per side is much faster than a call per example with a fast tokenizer.
     prompts = tokenizer([p for p, _ in pairs], add_special_tokens=getattr(template, "add_special_tokens", True))
     responses = tokenizer([r for _, r in pairs], add_special_tokens=False)

@@ -6,7 +6,7 @@ A source is a ``.json`` file (an array of objects, or an object with the array u
 
 Each record's schema is detected on its own, so mixed files work:
   * Alpaca        {instruction, input?, output}
-  * LLM-Adapters  {instruction, input, output, answer}
+  * LLM-Adapters  {instruction, input, output, answer}   (output may be absent in evaluation files)
   * GSM8K         {question, answer}   answer = worked solution ending in "#### N"
   * prompt/reply  {prompt, response} or {prompt, completion}
 """
@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SCHEMAS = ("{instruction, input?, output, answer?}, {question, answer}, "
+SCHEMAS = ("{instruction, input?, output, answer?} (output may be left out when answer is given), {question, answer}, "
            "{prompt, response} or {prompt, completion}")
 
 
@@ -75,8 +75,10 @@ def parse_record(record, where: str) -> Example:
         raise DataError(f"{where} is a JSON {_json_type(record)}, not an object: "
                         'each record must be an object such as {"instruction": ..., "output": ...}')
     if "instruction" in record:
+        # An evaluation record may carry the gold 'answer' alone, without a worked 'output'.
         return Example(_text(record, "instruction", where), _text(record, "input", where, True) or "",
-                       _text(record, "output", where), _text(record, "answer", where, True))
+                       _text(record, "output", where, optional="answer" in record) or "",
+                       _text(record, "answer", where, True))
     if "question" in record:
         output, answer = _gsm8k(_text(record, "answer", where))
         return Example(_text(record, "question", where), "", output, answer)
