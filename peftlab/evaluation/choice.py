@@ -37,6 +37,7 @@ from peftlab.data import DataError
 LETTERS = "ABCDEFGH"
 _HEADER = re.compile(r"^Please (?:choose|answer)[^:]*: ")
 _OPTION = re.compile(r"\s*\b(?:Answer|Solution|Option|Ending)(\d+):\s*")
+_OPTION_WORD = re.compile(r"\b(Answer|Solution|Option|Ending)\d+:")
 _FOOTER = re.compile(r"\s*Answer format:[^\n]*$")
 _BOOL_WORDS = {"true": " yes", "false": " no"}  # what a BoolQ answer sounds like as a continuation
 
@@ -69,8 +70,9 @@ def parse_choice_record(record: dict, style: str, where: str) -> ChoiceExample:
     if len(texts) < 2 or numbers != [str(i) for i in range(1, len(texts) + 1)]:
         raise DataError(f"{where}: cannot find options 'Answer1: … Answer2: …' (or Solution/Option) in the "
                         "instruction: check the file matches the task")
-    prefix = re.match(r"[a-z]+", answer)
-    names = tuple(f"{prefix.group(0) if prefix else 'answer'}{i}" for i in range(1, len(texts) + 1))
+    prefix = re.match(r"[a-z]+", answer)  # the data's own spelling ("option2"), else the instruction's ("Option1:")
+    word = prefix.group(0) if prefix else _OPTION_WORD.search(body).group(1).lower()
+    names = tuple(f"{word}{i}" for i in range(1, len(texts) + 1))
     if answer not in names:
         raise DataError(f"{where}: answer {answer!r} is not one of {', '.join(names)}: check the file matches the task")
     if style == "fill" and "_" not in question:
