@@ -50,6 +50,8 @@ def test_parse_records():
     ({"question": "q", "answer": "answer1"}, "qa", "string fields 'instruction' and 'answer'"),
     ({"instruction": "Please choose: no blank here\n\nOption1: a Option2: b", "answer": "option1"}, "fill",
      "needs a '_' blank"),
+    ({"instruction": "Please choose: _ won.\n\nOption1: a Option2: b", "answer": "Option2"}, "fill",
+     "answer 'Option2' is not one of option1, option2"),  # named as the instruction names them
 ])
 def test_bad_records_are_refused(record, style, message):
     with pytest.raises(DataError, match=message):
