@@ -19,6 +19,7 @@ Configs are frozen dataclasses validated at construction; ``method`` is the regi
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import weakref
 from dataclasses import dataclass
@@ -115,13 +116,14 @@ def positive(config: AdapterConfig, name: str, kind: type = int) -> None:
     """Shared validation: ``config.<name>`` must be a positive ``kind`` (an int also passes as a float)."""
     value = getattr(config, name)
     accepted = (int, float) if kind is float else (int,)
-    if isinstance(value, bool) or not isinstance(value, accepted) or value <= 0:
+    # NaN fails every comparison, so `value <= 0` alone lets it (and inf) through into NaN weights.
+    if isinstance(value, bool) or not isinstance(value, accepted) or not 0 < value < math.inf:
         raise AdapterConfigError(f"{config.method} {name} must be a positive {kind.__name__}, got {value!r}")
 
 
 def in_range(config: AdapterConfig, name: str, low: float, high: float) -> None:
     value = getattr(config, name)
-    if not isinstance(value, (int, float)) or not low <= value < high:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
         raise AdapterConfigError(f"{config.method} {name} must be in [{low}, {high}), got {value!r}")
 
 

@@ -188,8 +188,9 @@ class BlobObjective(Objective):
     KL weight schedule (``kl_cycle`` gives the paper's value for a data set size)."""
 
     def __init__(self, likelihood: Objective | None = None, cycle: int = 100, kl_lr: float = 0.01):
-        if cycle < 1 or kl_lr <= 0:
-            raise TrainConfigError(f"BLoB needs a KL cycle ≥ 1 and kl_lr > 0, got {cycle} and {kl_lr}")
+        if isinstance(cycle, bool) or not isinstance(cycle, int) or cycle < 1 or not 0 < kl_lr < math.inf:  # NaN too
+            raise TrainConfigError(f"BLoB needs a KL cycle ≥ 1 and kl_lr > 0, got {cycle} and {kl_lr}: fix "
+                                   "--kl-cycle / --kl-lr")
         self.likelihood = likelihood or Objective()
         self.cycle, self.kl_lr = cycle, kl_lr
 
