@@ -48,10 +48,17 @@ def _method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
     return fields
 
 
+def _boolean(text: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if text.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return words[text.lower()]
+
+
 def _field_type(field: dataclasses.Field):
     default = field.default
     if isinstance(default, bool):
-        return lambda text: text.lower() in ("1", "true", "yes", "on")
+        return _boolean
     if isinstance(default, (int, float)):
         number = type(default)
         if "str" in str(field.type):  # a number or a keyword, e.g. bottleneck --scaling learned
@@ -86,6 +93,7 @@ TRAIN_DEFAULTS = {
     "bitune": False, "bitune_mixing": None, "bitune_init": None, "kl_lr": None, "kl_cycle": None,
     "bita_prompt_tokens": 16, "bita_mask_tokens": 3, "bita_groups": 64, "bita_repeats": 1,
 }
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype: what the base model is loaded in
 BITA_LR = 1e-2  # the paper's 3e-2 is for 7B+ models and a batch of 128; 1e-2 for small models (spec appendix A)
 
 
@@ -140,8 +148,43 @@ def add_train_parser(sub) -> None:
     a("--keep-checkpoints", type=int, help="checkpoints to keep (default 2)")
     a("--seed", type=int, help="seed for data order and adapter initialisation (default 0)")
     a("--mixed-precision", help="no (default), bf16 or fp16 (GPU)")
-    a("--dtype", help="dtype to load the base model in: float32 (default), bfloat16, float16")
-    p.set_defaults(run=cmd_train)
+    a("--dtype", choices=DTYPES, help="dtype to load the base model in: float32 (default), bfloat16, float16")
+    p.set_defaults(run=cmd_train, flag_types=_flag_types(p))
+
+
+def _flag_types(parser) -> dict:
+    """How a YAML value of each train flag is read: the flag's own type, bool for switches, text otherwise."""
+    return {action.dest: bool if action.const is True else action.type or str
+            for action in parser._actions if action.dest not in ("help", "config")}
+
+
+def _yaml_value(path: Path, key: str, value, kind):
+    """``value`` of YAML key ``key`` as its flag would read it, or a CliError naming the key."""
+    if value is None:
+        return None
+    if key == "targets" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # targets: [q_proj, v_proj]
+    wanted = {int: "an integer", float: "a number", bool: "true or false", _boolean: "true or false", str: "text"}
+    problem = f"{value!r} is not {wanted.get(kind, 'a number')}"
+    if kind is str and isinstance(value, bool):
+        problem += " (YAML reads a bare yes, no, on or off as true or false: quote it)"
+    if isinstance(value, str) and kind is not bool:
+        try:  # read as on the command line, so "1e-4" (which YAML leaves as text) is a number
+            return kind(value)
+        except argparse.ArgumentTypeError as err:
+            problem = str(err)
+        except (ValueError, TypeError):
+            pass
+    elif kind in (bool, _boolean):
+        if isinstance(value, bool):
+            return value
+    elif kind is not str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if kind is not int:
+            return value
+        if float(value).is_integer():
+            return int(value)
+    raise CliError(f"config file {path}: {key}: {problem}: write it as the flag --{key.replace('_', '-')} takes it "
+                   "(see `peftlab train -h`)")
 
 
 def _train_settings(args) -> dict:
@@ -155,18 +198,20 @@ def _train_settings(args) -> dict:
         if not path.is_file():
             raise CliError(f"config file {path} not found: check the path")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise CliError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]}): fix its syntax") from None
-        if not isinstance(loaded, dict):
-            raise CliError(f"config file {path} must hold a mapping of option: value")
+        except UnicodeDecodeError:
+            raise CliError(f"config file {path} is not UTF-8 text: save it as UTF-8") from None
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+            raise CliError(f"config file {path} must hold a mapping of option: value, with option names as keys")
         loaded = {k.replace("-", "_"): v for k, v in loaded.items()}
         unknown = sorted(set(loaded) - set(settings) - method_keys)
         if unknown:
             raise CliError(f"config file {path} has unknown keys {unknown}: use the flag names of `peftlab train -h`")
-        settings.update(loaded)
+        settings.update({k: _yaml_value(path, k, v, args.flag_types.get(k, str)) for k, v in loaded.items()})
     for key, value in vars(args).items():
-        if value is not None and key not in ("config", "run", "command"):
+        if value is not None and key not in ("config", "run", "command", "flag_types"):
             settings[key] = value
     return settings
 
@@ -201,7 +246,8 @@ def cmd_train(args) -> int:
         return _train_bita(s)
     if bita_options:
         raise CliError(f"option(s) {bita_options} apply only to --method bita: remove them")
-    s["lr"] = s["lr"] or 2e-4
+    if s["lr"] is None:  # an explicit 0 stays 0, for TrainConfig to refuse
+        s["lr"] = 2e-4
     adapter_class = method_class(s["method"])
     method_values = {f.name: s[f.name] for f in dataclasses.fields(adapter_class.config_class)
                      if f.name in s and f.name not in TARGET_FIELDS}
@@ -220,6 +266,8 @@ def cmd_train(args) -> int:
     train_config = _train_config(s, output)
     examples = load_examples(str(s["data"]), limit=s["limit"])  # validate inputs before touching the run dir
     eval_examples = load_examples(str(s["eval_data"])) if s["eval_data"] else []
+    if s["eval_size"] < 0:
+        raise CliError(f"--eval-size must be >= 0 (training examples held out for evaluation), got {s['eval_size']}")
     if s["eval_size"]:
         if s["eval_size"] >= len(examples):
             raise DataError(f"--eval-size {s['eval_size']} leaves no training examples out of {len(examples)}: "
@@ -248,8 +296,11 @@ def cmd_train(args) -> int:
     if s["method"] == "blob":  # the KL term and the SGD group on top of the likelihood (adapters/blob.py)
         from peftlab.adapters.blob import BlobObjective, kl_cycle
 
-        cycle = kl_options.get("kl_cycle") or kl_cycle(len(train_data), train_config.batch_size)
+        cycle = kl_options.get("kl_cycle")
+        if cycle is None:
+            cycle = kl_cycle(len(train_data), train_config.batch_size)
         objective = BlobObjective(objective, cycle=cycle, kl_lr=kl_options.get("kl_lr", 0.01))
+    train_config.check_data(len(train_data))  # the last check before an old run may be removed
     output = prepare_run_dir(output, overwrite=bool(s["overwrite"]), resume=bool(s["resume"]))
     if train_data.n_truncated or train_data.n_dropped:
         print(f"note: {train_data.n_truncated} example(s) truncated and {train_data.n_dropped} dropped at "
@@ -267,7 +318,11 @@ def cmd_train(args) -> int:
 
 
 def _train_config(s: dict, output: Path):
+    """The TrainConfig of the settings, which checks them; the model's dtype is checked here too."""
     from peftlab.train import TrainConfig
+
+    if s["dtype"] not in DTYPES:
+        raise CliError(f"--dtype {s['dtype']!r} is not one of {', '.join(DTYPES)}: choose one of them")
 
     return TrainConfig(
         output_dir=str(output), max_steps=s["max_steps"], epochs=s["epochs"], batch_size=s["batch_size"],
@@ -294,7 +349,8 @@ def _train_bita(s: dict) -> int:
         raise CliError(f"--bita-groups and --bita-repeats must be >= 1, got {s['bita_groups']} and "
                        f"{s['bita_repeats']}")
     config = BitaConfig(prompt_tokens=s["bita_prompt_tokens"], mask_tokens=s["bita_mask_tokens"])
-    s["lr"] = s["lr"] or BITA_LR
+    if s["lr"] is None:
+        s["lr"] = BITA_LR
     output = Path(s["output"] or "runs/bita")
     train_config = _train_config(s, output)
     pairs = read_pairs(s["data"])[:s["limit"]]  # validate inputs before touching the run dir
@@ -310,6 +366,7 @@ def _train_bita(s: dict) -> int:
     if not data:
         raise CliError(f"no pair in {s['data']} has a response longer than {config.mask_tokens} tokens: "
                        "distill with a larger --max-new-tokens")
+    train_config.check_data(len(data))
     output = prepare_run_dir(output, overwrite=bool(s["overwrite"]), resume=bool(s["resume"]))
     summary = trainable_summary(model)
     print(format_summary(summary))
@@ -391,6 +448,9 @@ def cmd_distill(args) -> int:
 def cmd_chat(args) -> int:
     from peftlab.generate import stream
 
+    if sys.stdin is None or sys.stdin.closed:
+        raise CliError("chat reads messages from standard input, which is closed: run it in a terminal or pipe "
+                       "messages into it")
     model, tokenizer = _load_model_and_adapter(args)
     has_chat = bool(getattr(tokenizer, "chat_template", None))
     print("peftlab chat: type a message, /reset to start over, /exit or Ctrl-D to quit.", file=sys.stderr)
@@ -693,6 +753,10 @@ def main(argv: list[str] | None = None) -> int:
     except expected as err:
         message = " ".join(str(err).split())  # always one line
         print(f"peftlab: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file-system problem no check foresaw: still one line that names the path
+        where = f": {err.filename}" if err.filename else ""
+        print(f"peftlab: error: {err.strerror or err}{where}: check the path and its permissions", file=sys.stderr)
         return 2
 
 

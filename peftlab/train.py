@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,6 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -44,6 +46,13 @@ RUN_FILES = ("run.json", "metrics.jsonl", "loss.png", "adapter.json", "adapter.s
 
 class TrainConfigError(ValueError):
     """An impossible training setting; the message names the fix."""
+
+
+def _within(value, low, high=math.inf, *, integer: bool = False, strict: bool = False) -> bool:
+    """Whether ``value`` is a number (an int if ``integer``) with low <= value < high (low < value if ``strict``)."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return (low < value if strict else low <= value) and value < high
 
 
 @dataclass(frozen=True)
@@ -71,20 +80,30 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.betas, list):
             object.__setattr__(self, "betas", tuple(self.betas))
+        # A YAML config can hand any type here, and NaN or inf would slip past plain comparisons into NaN
+        # weights: each number is checked for its type and its range (``_within`` is False for NaN).
         checks = [
-            (self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps > 0),
+            (self.max_steps is None or _within(self.max_steps, 1, integer=True),
              f"max_steps must be a positive integer, got {self.max_steps!r}"),
-            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
-            (self.batch_size > 0 and self.micro_batch_size > 0,
-             f"batch_size and micro_batch_size must be positive, got {self.batch_size} and {self.micro_batch_size}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (_within(self.epochs, 0, strict=True), f"epochs must be positive and finite, got {self.epochs!r}"),
+            (_within(self.lr, 0, strict=True), f"lr must be positive and finite, got {self.lr!r}"),
+            (_within(self.weight_decay, 0), f"weight_decay must be >= 0 and finite, got {self.weight_decay!r}"),
+            (isinstance(self.betas, tuple) and len(self.betas) == 2 and all(_within(b, 0, 1) for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {self.betas!r}"),
+            (self.max_grad_norm is None or _within(self.max_grad_norm, 0, strict=True),
+             f"max_grad_norm must be positive and finite (or None: no clipping), got {self.max_grad_norm!r}"),
+            (_within(self.min_lr_ratio, 0) and self.min_lr_ratio <= 1,
+             f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}"),
-            (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.mixed_precision in ("no", "bf16", "fp16"),
              f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"),
-            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            # torch.manual_seed's range
+            (_within(self.seed, -2**63, 2**64, integer=True), f"seed must be an integer, got {self.seed!r}"),
         ]
+        checks += [(_within(getattr(self, name), low, integer=True),
+                    f"{name} must be an integer >= {low}, got {getattr(self, name)!r}")
+                   for name, low in (("batch_size", 1), ("micro_batch_size", 1), ("keep_checkpoints", 1),
+                                     ("log_every", 1), ("warmup_steps", 0), ("eval_every", 0), ("save_every", 0))]
         for ok, message in checks:
             if not ok:
                 raise TrainConfigError(message)
@@ -96,6 +115,14 @@ class TrainConfig:
                 f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size} × "
                 f"{world_size} process(es): choose batch_size as a multiple of {per_step}")
         return self.batch_size // per_step
+
+    def check_data(self, n_examples: int, world_size: int | None = None) -> None:
+        """Whether a training set of ``n_examples`` fits these batch settings; callers check before they
+        touch the run directory. ``world_size`` defaults to the launcher's WORLD_SIZE (torchrun, accelerate)."""
+        self.accumulation_steps(world_size or int(os.environ.get("WORLD_SIZE", "1")))
+        if n_examples < self.batch_size:
+            raise TrainConfigError(f"the training set has {n_examples} examples, fewer than batch_size "
+                                   f"{self.batch_size}: lower --batch-size or add data")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,8 +248,8 @@ def _checkpoint_dirs(output_dir: Path) -> list[Path]:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
-                  key=lambda p: int(p.name.split("-")[1]))
+    return sorted((p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)),
+                  key=lambda p: int(p.name.split("-")[1]))  # other names there are not ours: left alone
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -273,17 +300,24 @@ class TrainResult:
 
 
 def prepare_run_dir(output_dir: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Refuse to reuse a directory that holds a run, unless resuming or ``overwrite`` (which removes
-    only the files of the old run)."""
+    """Refuse to reuse a directory that holds a run, unless resuming from one of its checkpoints or
+    ``overwrite`` (which removes only the files of the old run). Resuming where there is no run starts one;
+    resuming a run that has no checkpoint is refused, since it would start over on top of it."""
     malloc_setting()  # the run's environment is checked before an old run is removed
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"output path {path} is a file: choose a directory path")
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        where = "is a file" if blocking == path else f"lies under the file {blocking}"
+        raise FileExistsError(f"output path {path} {where}: choose a directory path")
     holds_run = path.is_dir() and any((path / name).exists() for name in RUN_FILES)
     if holds_run and not (overwrite or resume):
         raise FileExistsError(f"{path} already holds a run: pass --resume to continue it, --overwrite to replace it, "
                               "or choose another --output")
-    if holds_run and overwrite and not resume:
+    can_resume = resume and latest_checkpoint(path) is not None
+    if holds_run and resume and not can_resume and not overwrite:
+        raise FileExistsError(f"{path} holds a run without a checkpoint to resume from (none saved yet, or none "
+                              "asked for with --save-every): pass --overwrite to replace it or choose another --output")
+    if holds_run and overwrite and not can_resume:
         for name in RUN_FILES:
             target = path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -347,10 +381,8 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
     if accelerator.device.type == "cpu":
         reuse_freed_memory()
     world, rank = accelerator.num_processes, accelerator.process_index
+    config.check_data(len(train_data), world)
     accumulation = config.accumulation_steps(world)
-    if len(train_data) < config.batch_size:
-        raise TrainConfigError(f"the training set has {len(train_data)} examples, fewer than batch_size "
-                               f"{config.batch_size}: lower --batch-size or add data")
     if collate_fn is None:
         from peftlab.data import collate
         pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
@@ -540,8 +572,14 @@ def _optimizer_file(index: int) -> str:
 
 
 def _load_checkpoint(path: Path, named_trainable, optimizers, rank: int) -> tuple[int, list[dict]]:
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "trainable.safetensors"))
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "trainable.safetensors"))
+        step, history = int(state["step"]), list(state["history"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # a write cut short, or edited by hand
+        reason = " ".join(str(err).split())[:120] or type(err).__name__
+        raise TrainConfigError(f"checkpoint {path} is damaged ({reason}): delete that folder to resume from the one "
+                               "before it, or pass --overwrite to start anew") from None
     names = [n for n, _ in named_trainable]
     if sorted(tensors) != sorted(names):
         raise TrainConfigError(f"checkpoint {path} holds other trainable tensors than this model "
@@ -561,7 +599,7 @@ def _load_checkpoint(path: Path, named_trainable, optimizers, rank: int) -> tupl
     rng_file = path / f"rng-rank{rank}.safetensors"
     if rng_file.is_file():
         _set_rng_state(load_file(str(rng_file)))
-    return int(state["step"]), list(state["history"])
+    return step, history
 
 
 def plot_losses(history: list[dict], path: Path) -> None:

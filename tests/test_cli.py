@@ -134,6 +134,79 @@ def test_existing_run_is_not_overwritten(run_dir, model_dir, capsys):
     assert (run_dir / "adapter.safetensors").read_bytes() == before
 
 
+def _tree(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "16"], "fewer than batch_size 16"),  # checked inside train() once, after the old run was gone
+    (["--batch-size", "3", "--micro-batch-size", "2"], "not a multiple of micro_batch_size"),
+    (["--epochs", "inf"], "epochs must be positive and finite"),
+    (["--lr", "nan"], "lr must be positive and finite"),
+    (["--lr", "0"], "lr must be positive"),  # not silently the default
+    (["--alpha", "nan"], "alpha must be a positive float"),
+    (["--weight-decay", "-1"], "weight_decay must be >= 0"),
+    (["--max-grad-norm", "nan"], "max_grad_norm must be positive"),
+    (["--eval-size", "-1"], "--eval-size must be >= 0"),
+    (["--method", "blob", "--kl-cycle", "0"], "KL cycle ≥ 1"),  # not silently the default cycle
+    (["--resume"], "without a checkpoint to resume from"),  # the run has none: resuming would start over on it
+])
+def test_bad_settings_leave_an_old_run_untouched_even_with_overwrite(run_dir, model_dir, capsys, flags, message):
+    before = _tree(run_dir)
+    overwrite = [] if "--resume" in flags else ["--overwrite"]
+    line = fail(capsys, ["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--template", "plain",
+                         "--max-steps", "1", "--batch-size", "2", "--output", str(run_dir), *overwrite, *flags])
+    assert message in line
+    assert _tree(run_dir) == before
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("max_grad_norm: abc", "max_grad_norm: 'abc' is not a number"),
+    ("batch_size: 2.5", "batch_size: 2.5 is not an integer"),
+    ("seed: [1]", "seed: [1] is not an integer"),
+    ("train_on_prompt: maybe", "train_on_prompt: 'maybe' is not true or false"),
+    ("use_rslora: maybe", "use_rslora: expected true or false, got 'maybe'"),
+    ("mixed_precision: no", "quote it"),  # YAML reads a bare no as false
+    ("1: 2", "option names as keys"),
+])
+def test_yaml_values_are_checked_like_flags(model_dir, tmp_path, capsys, yaml_text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data: builtin:arithmetic:8\n{yaml_text}\n")
+    line = fail(capsys, ["train", "--config", str(config), "--model", str(model_dir), "--output", str(tmp_path / "r")])
+    assert message in line and not (tmp_path / "r").exists()
+
+
+def test_yaml_numbers_written_as_text_and_target_lists(model_dir, tmp_path):
+    """YAML leaves 1e-3 (no dot) as text; it is read as the flag would read it. targets may be a list."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {model_dir}\ndata: builtin:arithmetic:8\ntemplate: plain\nlr: 1e-3\n"
+                      "batch_size: 2\nmax_steps: 1\ntargets: [q_proj, v_proj]\n")
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "r")]) == 0
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["train"]["lr"] == 1e-3 and info["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_a_bad_boolean_flag_is_refused(model_dir, tmp_path):
+    with pytest.raises(SystemExit) as info:  # argparse's own usage error, exit status 2
+        main(["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--use-rslora", "maybe"])
+    assert info.value.code == 2
+
+
+def test_resume_or_output_paths_that_cannot_work(run_dir, model_dir, tmp_path, capsys):
+    base = ["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--template", "plain",
+            "--max-steps", "1", "--batch-size", "2"]
+    (tmp_path / "afile").write_text("x")
+    assert "lies under the file" in fail(capsys, base + ["--output", str(tmp_path / "afile" / "sub")])
+    assert "is a file" in fail(capsys, base + ["--output", str(tmp_path / "afile")])
+
+
+def test_chat_with_standard_input_closed(model_dir):
+    result = subprocess.run(f"{sys.executable} -m peftlab.cli chat --model {model_dir} <&-", shell=True,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "standard input, which is closed" in result.stderr
+
+
 def test_adapter_from_another_base(run_dir, tmp_path, capsys):
     other = tmp_path / "other"
     tiny_model(seed=1).save_pretrained(other)

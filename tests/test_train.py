@@ -56,6 +56,23 @@ def test_resume_equals_uninterrupted(tmp_path, dropout):
     assert len(full) == len(split)
 
 
+@pytest.mark.parametrize("damage", ["truncated tensors", "broken state.json"])
+def test_a_damaged_checkpoint_is_a_one_line_error_that_keeps_the_run(tmp_path, damage):
+    run(tmp_path / "split", max_steps=4, stop_after_steps=2)
+    checkpoint = latest_checkpoint(tmp_path / "split")
+    (checkpoint.parent / "step-abc").mkdir()  # a folder that is not ours is ignored, not an error
+    assert latest_checkpoint(tmp_path / "split") == checkpoint
+    if damage == "truncated tensors":
+        path = checkpoint / "trainable.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        (checkpoint / "state.json").write_text("{")
+    metrics = (tmp_path / "split" / "metrics.jsonl").read_bytes()
+    with pytest.raises(TrainConfigError, match=f"checkpoint .*{checkpoint.name} is damaged .*: delete that folder"):
+        run(tmp_path / "split", max_steps=4, resume=True)
+    assert (tmp_path / "split" / "metrics.jsonl").read_bytes() == metrics
+
+
 def test_checkpoints_are_rotated_and_complete(tmp_path):
     run(tmp_path / "run", max_steps=6, save_every=2)
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -95,7 +112,15 @@ def test_schedules():
     (dict(max_steps=0), "max_steps must be a positive integer"),
     (dict(lr=-1.0), "lr must be positive"),
     (dict(schedule="exp"), "schedule must be one of"),
-    (dict(batch_size=0), "must be positive"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(lr=float("nan")), "lr must be positive and finite, got nan"),  # NaN passes no comparison: refused
+    (dict(epochs=float("inf")), "epochs must be positive and finite, got inf"),
+    (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm must be positive"),
+    (dict(lr="abc"), "lr must be positive and finite, got 'abc'"),  # a YAML config can hand any type
+    (dict(seed="1"), "seed must be an integer"),
+    (dict(save_every=-1), "save_every must be an integer >= 0"),
+    (dict(micro_batch_size=2.0), "micro_batch_size must be an integer >= 1"),
 ])
 def test_bad_train_configs(kwargs, message):
     with pytest.raises(TrainConfigError, match=message):
