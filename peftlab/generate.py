@@ -11,17 +11,26 @@ web page's side-by-side columns) and each one's compute time is measured alone.
 
 BLoB adapters decode at their posterior mean (the N = 0 model, the one merging writes), so greedy
 generation is deterministic; sampled predictions are ``peftlab.calibrate``'s job.
+
+Impossible options (no new tokens, a negative or NaN temperature, top_p outside (0, 1], an empty batch)
+raise ``GenerationError`` before the model runs; it is a ``DataError``, so the CLI reports it in one line.
 """
 from __future__ import annotations
 
+import math
 import queue
 import threading
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
 from peftlab.adapters.blob import posterior_mean
-from peftlab.data import Example, get_template
+from peftlab.data import DataError, Example, check_text, get_template
+
+
+class GenerationError(DataError):
+    """Impossible generation options or an unusable output path; the one-line message names the fix."""
 
 
 def _render(tokenizer, instructions: Sequence[str], template: str) -> tuple[list[str], bool]:
@@ -32,11 +41,32 @@ def _render(tokenizer, instructions: Sequence[str], template: str) -> tuple[list
     return prompts, getattr(rendered, "add_special_tokens", True)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GenerationError(f"{name} must be a positive whole number, got {value!r}: pass 1 or more")
+
+
+def check_options(max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                  batch_size: int = 1) -> None:
+    """Raise GenerationError for an impossible option; the generation functions call it before the
+    model runs, and a caller can call it before loading a model. The ranges are written so that NaN,
+    which passes every ``< 0`` test, fails them."""
+    _positive_int(max_new_tokens, "max_new_tokens")
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise GenerationError(f"temperature must be a finite number >= 0, got {temperature!r}: "
+                              "use 0 for greedy decoding or e.g. 0.7 to sample")
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p!r}: use e.g. 0.9, or 1 to sample from "
+                              "all tokens")
+    _positive_int(batch_size, "batch_size")  # 0 would stop range() and a negative one skip every prompt
+
+
 def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p: float) -> dict:
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    check_options(max_new_tokens, temperature, top_p)
     kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tokenizer.pad_token_id,
               "eos_token_id": tokenizer.eos_token_id}
     if temperature == 0:
@@ -44,6 +74,24 @@ def _generation_kwargs(tokenizer, max_new_tokens: int, temperature: float, top_p
     else:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
     return kwargs
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    """Prompts are text the tokenizer can encode (a command-line argument with undecodable bytes is not)."""
+    for number, prompt in enumerate(prompts, 1):
+        check_text(prompt, f"prompt {number}")
+
+
+def check_output_file(path: str | Path) -> Path:
+    """A file path that generated lines can be written to, checked before generating so that a typo does not
+    throw the outputs away at the end: not a directory, and inside an existing directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise GenerationError(f"output {path} is a directory: give a file path such as {path / 'outputs.jsonl'}")
+    if not path.parent.is_dir():
+        raise GenerationError(f"output {path}: directory {path.parent} does not exist: create it or choose "
+                              "another path")
+    return path
 
 
 ACCELERATIONS = ("bita",)
@@ -58,6 +106,8 @@ def generate(model, tokenizer, prompts: Sequence[str], template: str | None = No
     ``accelerate="bita"`` decodes with the model's BiTA tokens (greedy, same output, fewer passes)."""
     from tqdm.auto import tqdm
 
+    check_options(max_new_tokens, temperature, top_p, batch_size)
+    _check_prompts(prompts)
     if accelerate is not None:
         runs = generate_accelerated(model, tokenizer, prompts, template, max_new_tokens, temperature, accelerate,
                                     tree, add_special_tokens, progress)
@@ -104,6 +154,7 @@ def generate_accelerated(model, tokenizer, prompts: Sequence[str], template: str
         raise BitaError("BiTA decoding is greedy only (its drafts are verified against the argmax): "
                         "use temperature 0 or drop --accelerate")
     _generation_kwargs(tokenizer, max_new_tokens, temperature, 1.0)  # validates max_new_tokens
+    _check_prompts(prompts)
     runs = []
     for prompt in tqdm(prompts, desc="generate (bita)", unit="ex", disable=not progress, dynamic_ncols=True):
         ids = _encode_one(model, tokenizer, prompt, template, add_special_tokens)["input_ids"]
@@ -113,6 +164,7 @@ def generate_accelerated(model, tokenizer, prompts: Sequence[str], template: str
 
 
 def _encode_one(model, tokenizer, prompt: str, template: str | None, add_special_tokens: bool) -> dict:
+    check_text(prompt, "the prompt")
     if template is not None:
         (prompt,), add_special_tokens = _render(tokenizer, [prompt], template)
     device = next(model.parameters()).device

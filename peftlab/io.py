@@ -10,6 +10,9 @@ Loading checks the base model's identity and the exact set and shapes of the ten
 nothing in the model when a check fails. LoRA, VeRA and OFT export to PEFT's format
 (``adapter_config.json`` + ``adapter_model.safetensors``), ETHER and VeRA also as an exact PEFT LoRA;
 all three import from it (each method's ``peft_names``/``config_from_peft`` give the translation).
+
+A damaged or hand-edited config (a field of the wrong JSON type, a hyper-parameter its method refuses)
+raises ``AdapterFileError`` naming the file and the field before the model is touched.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from torch import nn
 from peftlab import __version__
 from peftlab.adapters import AdapterConfig, AdapterConfigError, config_from_dict
 from peftlab.adapters.base import peft_method_class
+from peftlab.data.formats import _json_type
 from peftlab.inject import add_adapter, adapter_layers, adapter_names, adapter_parameters, remove_adapter, unwrap
 from peftlab.methods import attached, restore
 from peftlab.models import base_identity
@@ -89,9 +93,21 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise AdapterFileError(f"{path} is corrupt or not a safetensors file ({err}): re-save the adapter") from None
 
 
+def check_output_dir(path: str | Path) -> Path:
+    """``path`` is, or can be created as, a directory: neither it nor a folder above it is a file
+    (``--overwrite`` never replaces a file with a directory)."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise FileExistsError(f"output path {path} {where}: choose a directory path")
+    return path
+
+
 def refuse_existing(path: Path, overwrite: bool) -> None:
-    """An output directory that already holds files is replaced only with ``overwrite``."""
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    """An output directory that already holds files is replaced only with ``overwrite``; a file never is."""
+    path = check_output_dir(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} already exists: choose a new directory or pass --overwrite")
 
 
@@ -109,7 +125,7 @@ def refuse_method(model: nn.Module, what: str) -> None:
 def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = None,
                  extra_tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
     """Save adapters ``names`` (default: all) of ``model`` into directory ``path``."""
-    path = Path(path)
+    path = check_output_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     names = adapter_names(model) if names is None else list(names)
     if not names and attached(model) is None:  # a model-level method alone (BiTA's tokens) is enough
@@ -144,7 +160,48 @@ def read_adapter_config(path: str | Path) -> dict:
     config = _read_json(path / CONFIG_FILE, "peftlab")
     if config.get("format") != FORMAT or not isinstance(config.get("adapters"), dict):
         raise AdapterFileError(f"{path / CONFIG_FILE} is not a peftlab adapter config: re-save the adapter")
+    _check_fields(config, path / CONFIG_FILE)
     return config
+
+
+_MISSING = object()
+
+
+def _expect(ok: bool, file: Path, field: str, value, expected: str, kind: str = "peftlab") -> None:
+    if not ok:
+        found = "missing" if value is _MISSING else f"a JSON {_json_type(value)}"
+        raise AdapterFileError(f"adapter file {file}: field {field} is {found}, expected {expected}: "
+                               f"the file is damaged or not a {kind} adapter; re-save it")
+
+
+def _expect_strings(file: Path, field: str, values) -> None:
+    _expect(isinstance(values, list), file, field, values, "an array of strings")
+    for i, value in enumerate(values):
+        _expect(isinstance(value, str), file, f"{field}[{i}]", value, "a string")
+
+
+def _check_fields(config: dict, file: Path) -> None:
+    """The fields the loaders (and `peftlab info`) read have the JSON types ``save_adapter`` writes, so a
+    damaged or hand-edited file fails here, naming the field, instead of deep inside the loading code."""
+    base = config.get("base_model", _MISSING)
+    _expect(isinstance(base, dict), file, "base_model", base, "an object")
+    _expect(isinstance(base.get("name"), (str, type(None))), file, "base_model.name", base.get("name"), "a string")
+    for name, values in config["adapters"].items():
+        _expect(isinstance(values, dict), file, f"adapters.{name}", values, "an object")
+        try:  # the method's config validates the saved hyper-parameters (a NaN alpha, a negative r)
+            config_from_dict(values)
+        except AdapterConfigError as err:
+            raise AdapterFileError(f"adapter file {file}: adapter {name!r} has an invalid config ({err}): the file "
+                                   "is damaged or from another peftlab version; re-save it") from None
+    _expect_strings(file, "active", config.get("active", []))
+    targets = config.get("targets", {})
+    _expect(isinstance(targets, dict), file, "targets", targets, "an object")
+    for name, layers in targets.items():
+        _expect_strings(file, f"targets.{name}", layers)
+    extra = config.get("extra", {})
+    _expect(isinstance(extra, dict), file, "extra", extra, "an object")
+    method = extra.get("method")
+    _expect(isinstance(method, (dict, type(None))), file, "extra.method", method, "an object")
 
 
 def check_base(config: dict, model: nn.Module, path) -> None:
@@ -245,7 +302,7 @@ def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_
     With ``as_lora``, a method whose merged update is exactly low-rank (ETHER, ETHER+, VeRA) is written
     as the equivalent PEFT LoRA, ΔW = B·A with scaling 1, so any LoRA runtime can serve it.
     """
-    path = Path(path)
+    path = check_output_dir(path)
     refuse_method(model, "exported to PEFT")
     layers = [(ln, layer) for ln, layer in adapter_layers(model) if name in layer.adapters]
     if not layers:
@@ -409,6 +466,8 @@ def load_adapted(adapter: str | Path | None = None, model_name: str | None = Non
             model_name = read_adapter_config(adapter)["base_model"].get("name")
         elif model_name is None and (adapter / PEFT_CONFIG_FILE).is_file():
             model_name = _read_json(adapter / PEFT_CONFIG_FILE, "PEFT config").get("base_model_name_or_path")
+            _expect(isinstance(model_name, (str, type(None))), adapter / PEFT_CONFIG_FILE, "base_model_name_or_path",
+                    model_name, "a string", kind="PEFT")
     model_name = model_name or EMBEDDED_MODEL
     model, tokenizer = load_model(model_name, dtype=dtype), load_tokenizer(model_name, padding_side=padding_side)
     if adapter is not None:

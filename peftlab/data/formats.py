@@ -38,6 +38,34 @@ def _json_type(value) -> str:
     return names.get(type(value), "null" if value is None else type(value).__name__)
 
 
+def _unencodable(value, field: str = "") -> str | None:
+    """The field (``'instruction'``, ``'turns'[1]``; "" for ``value`` itself) of the first string in
+    ``value`` that is not valid Unicode text, else None. JSON can spell a lone UTF-16 surrogate
+    ("\\ud800") and Python keeps it, but no tokenizer can encode it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return field
+        return None
+    if isinstance(value, dict):
+        items = ((f"{field}.{key}" if field else repr(key), item) for key, item in value.items())
+    elif isinstance(value, list):
+        items = ((f"{field or 'item'}[{i}]", item) for i, item in enumerate(value))
+    else:
+        return None
+    return next((found for name, item in items if (found := _unencodable(item, name)) is not None), None)
+
+
+def check_text(value, where: str) -> None:
+    """Raise DataError if ``value`` (a record or a string) holds text no tokenizer can encode."""
+    field = _unencodable(value)
+    if field is not None:
+        where += f": field {field}" if field else ""
+        raise DataError(f"{where} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape or undecodable "
+                        "bytes), which is not text: fix or remove it")
+
+
 def _text(record: dict, key: str, where: str, optional: bool = False) -> str | None:
     if key not in record:
         if optional:
@@ -169,7 +197,10 @@ def read_records(source: str, limit: int | None = None) -> list[tuple[str, objec
                             "re-save it as UTF-8") from None
     if not records:
         raise DataError(f"data source {source} holds no examples: add records to it or pass another source")
-    return records[:limit]
+    records = records[:limit]
+    for where, record in records:  # here, not deep in a tokenizer during training or generation
+        check_text(record, where)
+    return records
 
 
 def load_examples(source: str, limit: int | None = None) -> list[Example]:
