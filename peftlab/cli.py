@@ -392,7 +392,7 @@ def add_generation_flags(p) -> None:
 
 
 def cmd_generate(args) -> int:
-    from peftlab.generate import generate
+    from peftlab.generate import check_options, check_output_file, generate
     from peftlab.methods.bita import parse_tree
 
     prompts = list(args.prompt or [])
@@ -405,6 +405,9 @@ def cmd_generate(args) -> int:
         raise CliError(f"--accelerate {args.accelerate} needs the trained tokens: pass --adapter RUN "
                        "(a run of `peftlab train --method bita`)")
     tree = parse_tree(args.tree)
+    check_options(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)  # before the model loads
+    if args.output:
+        check_output_file(args.output)  # a bad path must not throw the generated text away at the end
     model, tokenizer = _load_model_and_adapter(args)
     template = None if args.template == "none" else args.template
     if args.accelerate:
@@ -446,8 +449,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from peftlab.generate import stream
+    from peftlab.generate import check_options, stream
 
+    check_options(args.max_new_tokens, args.temperature, args.top_p)
     if sys.stdin is None or sys.stdin.closed:
         raise CliError("chat reads messages from standard input, which is closed: run it in a terminal or pipe "
                        "messages into it")
@@ -508,6 +512,9 @@ def cmd_eval(args) -> int:
         raise CliError("several tasks need --data to be the data folder, not one file")
     if args.limit is not None and args.limit < 1:
         raise CliError(f"--limit must be a positive number of examples, got {args.limit}")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be positive, got {value}: leave it out for the default")
     out = Path(args.output or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     refuse_existing(out, args.overwrite)  # earlier results are replaced only when asked
     model, tokenizer = _load_model_and_adapter(args)

@@ -303,12 +303,10 @@ def prepare_run_dir(output_dir: str | Path, overwrite: bool = False, resume: boo
     """Refuse to reuse a directory that holds a run, unless resuming from one of its checkpoints or
     ``overwrite`` (which removes only the files of the old run). Resuming where there is no run starts one;
     resuming a run that has no checkpoint is refused, since it would start over on top of it."""
+    from peftlab.io import check_output_dir
+
     malloc_setting()  # the run's environment is checked before an old run is removed
-    path = Path(output_dir)
-    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        where = "is a file" if blocking == path else f"lies under the file {blocking}"
-        raise FileExistsError(f"output path {path} {where}: choose a directory path")
+    path = check_output_dir(output_dir)
     holds_run = path.is_dir() and any((path / name).exists() for name in RUN_FILES)
     if holds_run and not (overwrite or resume):
         raise FileExistsError(f"{path} already holds a run: pass --resume to continue it, --overwrite to replace it, "

@@ -387,6 +387,27 @@ def test_eval_bad_input(model_dir, tmp_path, capsys):
     assert "cannot find options" in fail(
         capsys, ["eval", "--task", "arc_e", "--data", one_file, "--model", str(model_dir), "--output",
                  str(tmp_path / "o")])  # an arithmetic file given to a multiple-choice task
+    for flag in ("--max-new-tokens", "--batch-size"):  # 0 is refused, not read as the default
+        assert f"{flag} must be positive, got 0" in fail(capsys, ["eval", "--task", "svamp", "--data", one_file,
+                                                                 flag, "0", "--output", str(tmp_path / "o2")])
+    assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("flags, message", [(["--max-new-tokens", "0"], "max_new_tokens must be"),
+                                            (["--temperature", "nan"], "temperature must be a finite number"),
+                                            (["--top-p", "2"], "top_p must be in (0, 1]"),
+                                            (["--batch-size", "0"], "batch_size must be")])
+def test_generate_and_chat_check_options_before_loading_the_model(tmp_path, capsys, flags, message):
+    missing = str(tmp_path / "no-model")  # never reached: the options are checked first
+    assert message in fail(capsys, ["generate", "--model", missing, "--prompt", "hi", *flags])
+    if "--batch-size" not in flags:
+        assert message in fail(capsys, ["chat", "--model", missing, *flags])
+
+
+def test_generate_checks_its_output_path_before_generating(model_dir, tmp_path, capsys):
+    line = fail(capsys, ["generate", "--model", str(tmp_path / "no-model"), "--prompt", "hi",
+                         "--output", str(tmp_path / "missing" / "o.jsonl")])
+    assert "does not exist" in line
 
 
 def test_bitune_train_generate_eval(model_dir, tmp_path, capsys):

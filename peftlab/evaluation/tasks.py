@@ -92,20 +92,24 @@ def run_task(model, tokenizer, name: str, data: str | Path, out_dir: str | Path 
         raise DataError(f"unknown scoring {scoring!r}: choose from {', '.join(SCORINGS)}")
     if batch_size < 1:
         raise DataError(f"batch size must be positive, got {batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:  # 0 is not "the default"
+        raise DataError(f"max_new_tokens must be positive, got {max_new_tokens}: leave it out for the task's default")
+    if max_new_tokens is None:  # a worked answer, or a label
+        max_new_tokens = 256 if task.kind == "arithmetic" else 32
     path = task_file(task, data)
     out = Path(out_dir) if out_dir is not None else None
     start = time.perf_counter()
     if task.kind == "arithmetic":
         examples = load_examples(str(path), limit)
         arithmetic.check_golds(examples, letters=task.style == "letters", source=str(path))
-        records = arithmetic.answer(model, tokenizer, examples, template, max_new_tokens or 256, batch_size,
+        records = arithmetic.answer(model, tokenizer, examples, template, max_new_tokens, batch_size,
                                     letters=task.style == "letters", progress=progress)
         metrics = {"acc": sum(r["correct"] for r in records) / len(records)}
         scoring = "generate"
     else:
         examples = load_choice_examples(task, path, limit)
         records, metrics = _run_choice(model, tokenizer, task, examples, scoring, template, batch_size,
-                                       max_new_tokens or 32, progress, out)
+                                       max_new_tokens, progress, out)
     seconds = time.perf_counter() - start
     if out is not None:
         arithmetic.write_jsonl(records, out / f"{task.name}.jsonl")
