@@ -22,11 +22,13 @@ N sampled passes run as one forward over the batch tiled N times (``predict_prob
 independent noise matrix per copy and dropout masks are per element, so this equals N passes.
 Each (method, seed) writes its adapter, its per-example probabilities and its metrics under
 ``--output``; the parent writes ``calibration.json``, ``calibration.png`` (ACC/ECE/NLL/Brier, mean ±
-std over seeds) and one reliability diagram per method (all seeds pooled).
+std over seeds) and one reliability diagram per method (all seeds pooled). ``--overwrite`` removes an
+earlier study only once every setting, the data and the model have passed their checks.
 """
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from contextlib import ExitStack, contextmanager
@@ -316,17 +318,45 @@ def adapter_config(recipe: Recipe, budget: Budget):
     return kind(r=budget.rank, alpha=budget.alpha, dropout=recipe.dropout, target_modules=budget.targets)
 
 
+def _kl_cycle(budget: Budget, n_train: int) -> int:
+    return budget.kl_cycle if budget.kl_cycle is not None else default_kl_cycle(n_train, budget.steps)
+
+
+def _train_config(recipe: Recipe, budget: Budget, run_dir: Path, seed: int, progress: bool = False):
+    from peftlab.train import TrainConfig
+
+    return TrainConfig(output_dir=str(run_dir), max_steps=budget.steps, batch_size=budget.batch_size,
+                       micro_batch_size=budget.micro_batch_size, lr=budget.lr, schedule="linear",
+                       warmup_steps=round(budget.warmup_ratio * budget.steps), weight_decay=recipe.weight_decay,
+                       max_grad_norm=None, seed=seed, log_every=5, progress=progress)
+
+
+def check_recipes(model: nn.Module, chosen: list[Recipe], budget: Budget, n_train: int) -> None:
+    """Refuse now what training would refuse once an old study is gone: each recipe's TrainConfig (lr,
+    batch sizes, enough training examples), BLoB's KL settings, and an adapter that fits no layer of
+    ``model`` (added and removed again)."""
+    from peftlab.adapters.blob import BlobObjective
+    from peftlab.inject import add_adapter, remove_adapter
+
+    for recipe in chosen:
+        _train_config(recipe, budget, Path("check"), seed=0).check_data(n_train)
+        if recipe.adapter == "blob":
+            BlobObjective(cycle=_kl_cycle(budget, n_train), kl_lr=budget.kl_lr)
+        add_adapter(model, adapter_config(recipe, budget), name="check", seed=0)
+        remove_adapter(model, "check")
+
+
 def train_recipe(model: nn.Module, tokenizer, recipe: Recipe, train_data: list[dict], budget: Budget, seed: int,
                  output: Path, progress: bool = True) -> list[str]:
     """Add and train the recipe's adapter(s) on ``model``; returns their names."""
     from peftlab.adapters.blob import BlobObjective
     from peftlab.inject import add_adapter, set_active, set_trainable
     from peftlab.io import save_adapter
-    from peftlab.train import TrainConfig, prepare_run_dir, train
+    from peftlab.train import prepare_run_dir, train
 
     pad_id = choice._pad_id(tokenizer)
     names = ["default"] if recipe.members == 1 else [f"member{m}" for m in range(recipe.members)]
-    cycle = budget.kl_cycle or default_kl_cycle(len(train_data), budget.steps)
+    cycle = _kl_cycle(budget, len(train_data))
     for m, name in enumerate(names):
         member_seed = seed * 1000 + m
         add_adapter(model, adapter_config(recipe, budget), name=name, seed=member_seed)
@@ -336,10 +366,7 @@ def train_recipe(model: nn.Module, tokenizer, recipe: Recipe, train_data: list[d
         if recipe.adapter == "blob":
             objective = BlobObjective(objective, cycle=cycle, kl_lr=budget.kl_lr)
         run_dir = prepare_run_dir(output / name if len(names) > 1 else output, overwrite=True)
-        config = TrainConfig(output_dir=str(run_dir), max_steps=budget.steps, batch_size=budget.batch_size,
-                             micro_batch_size=budget.micro_batch_size, lr=budget.lr, schedule="linear",
-                             warmup_steps=round(budget.warmup_ratio * budget.steps), weight_decay=recipe.weight_decay,
-                             max_grad_norm=None, seed=member_seed, log_every=5, progress=progress)
+        config = _train_config(recipe, budget, run_dir, member_seed, progress)
         train(model, train_data, config, objective=objective, collate_fn=lambda f: collate_classification(f, pad_id),
               save_fn=lambda mdl, path, name=name: save_adapter(mdl, path, names=[name]),
               run_info={"recipe": recipe.name, "seed": seed, "kl_cycle": cycle if recipe.adapter == "blob" else None})
@@ -379,8 +406,10 @@ def load_splits(task_name: str, data_dir: str | Path, train_limit: int | None, e
 
 
 def run_study(model: nn.Module, tokenizer, study: Study, data_dir: str | Path, output: str | Path,
-              progress: bool = True) -> dict:
-    """Train and evaluate every (method, seed); writes the JSON, the plots and returns the summary."""
+              progress: bool = True, overwrite: bool = False) -> dict:
+    """Train and evaluate every (method, seed); writes the JSON, the plots and returns the summary.
+    ``overwrite`` removes an earlier study in ``output`` first, once the data and settings have passed
+    every check (bad input leaves it as it was)."""
     from peftlab.inject import adapter_names
 
     known = recipes(study.samples, study.members)
@@ -393,7 +422,10 @@ def run_study(model: nn.Module, tokenizer, study: Study, data_dir: str | Path, o
     train_data = classification_data(train_examples, tokenizer, study.max_length)
     eval_data = classification_data(eval_examples, tokenizer, study.max_length)
     labels = torch.tensor([f["label"] for f in eval_data])
+    check_recipes(model, [known[m] for m in study.methods], study.budget, len(train_data))
     output = Path(output)
+    if overwrite:
+        remove_study(output)
     output.mkdir(parents=True, exist_ok=True)
     runs = []
     for seed in study.seeds:  # seeds outermost: an interrupted study has whole seeds to show
@@ -415,6 +447,19 @@ def run_study(model: nn.Module, tokenizer, study: Study, data_dir: str | Path, o
                                         output / f"reliability_{_slug(label)}.png",
                                         title=f"{task.title}: {label}, {len(pooled)} seed(s) pooled")
     return summary
+
+
+def holds_study(output: Path) -> bool:
+    return (output / "calibration.json").exists() or any(output.glob("*/seed*/result.json"))
+
+
+def remove_study(output: Path) -> None:
+    """Delete what a study wrote in ``output`` (its method folders, table and plots), nothing else."""
+    import shutil
+
+    for child in [output / m for m in recipes()] + [output / "calibration.json", output / "calibration.png",
+                                                    *output.glob("reliability_*.png")]:
+        shutil.rmtree(child) if child.is_dir() else child.unlink(missing_ok=True)
 
 
 def _run_one(model, tokenizer, recipe: Recipe, seed: int, study: Study, train_data, eval_data, labels, run_dir: Path,
@@ -559,11 +604,22 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def check_positive(flags: dict, error: type[Exception] = DataError) -> None:
+    """Each ``{"--flag": value}`` given (None: not given) must be a positive, finite number. NaN fails every
+    comparison, so ``value <= 0`` would let it (and inf) through; ``0 < value < inf`` does not."""
+    for flag, value in flags.items():
+        if value is None or 0 < value < math.inf:
+            continue
+        if isinstance(value, int):
+            raise error(f"{flag} must be a positive integer, got {value}: pass 1 or more")
+        raise error(f"{flag} must be a positive, finite number, got {value}: pass a number above 0")
+
+
 def run(args) -> int:
     import os
-    import shutil
 
     from peftlab.adapters import AdapterConfigError
+    from peftlab.io import check_output_dir
     from peftlab.models import load_model, load_tokenizer
 
     data = args.data or os.environ.get("PEFTLAB_DATA")
@@ -577,12 +633,14 @@ def run(args) -> int:
         seeds = [int(x) for x in args.seeds.split(",") if x]
     except ValueError:
         raise DataError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-    for name, value in (("--steps", args.steps), ("--samples", args.samples), ("--members", args.members),
-                        ("--rank", args.rank), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise DataError(f"{name} must be a positive integer, got {value}")
     if not seeds:
         raise DataError("--seeds is empty: give e.g. 1,2,3")
+    # Every number up front: the optional ones (None) are skipped, the others must be positive and finite.
+    check_positive({"--steps": args.steps, "--samples": args.samples, "--members": args.members,
+                    "--rank": args.rank, "--batch-size": args.batch_size, "--micro-batch-size": args.micro_batch_size,
+                    "--eval-batch-size": args.eval_batch_size, "--train-limit": args.train_limit,
+                    "--eval-limit": args.eval_limit, "--laplace-examples": args.laplace_examples,
+                    "--kl-cycle": args.kl_cycle, "--lr": args.lr, "--alpha": args.alpha, "--kl-lr": args.kl_lr})
     targets = args.targets if any(c in args.targets for c in "*()[]|\\^$") else tuple(args.targets.split(","))
     budget = Budget(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size
                     or args.batch_size, lr=args.lr, rank=args.rank, alpha=args.alpha, targets=targets,
@@ -591,18 +649,15 @@ def run(args) -> int:
                   eval_batch_size=args.eval_batch_size, laplace_examples=args.laplace_examples)
     load_splits(args.task, data, 1, 1)  # the data files exist and parse, before the model loads
     adapter_config(Recipe("check", adapter="blob"), budget)  # the adapter settings are valid
-    output = Path(args.output)
-    if (output / "calibration.json").exists() or any(output.glob("*/seed*/result.json")):
-        if args.overwrite:
-            for child in [output / m for m in known] + [output / "calibration.json", output / "calibration.png"]:
-                shutil.rmtree(child) if child.is_dir() else child.unlink(missing_ok=True)
-        elif not args.resume:
-            raise FileExistsError(f"{output} already holds a calibration study: pass --resume to continue it, "
-                                  "--overwrite to replace it, or choose another --output")
+    output = check_output_dir(args.output)  # not a file, nor under one
+    if holds_study(output) and not (args.overwrite or args.resume):
+        raise FileExistsError(f"{output} already holds a calibration study: pass --resume to continue it, "
+                              "--overwrite to replace it, or choose another --output")
     tokenizer = load_tokenizer(args.model, padding_side="left")
     model = load_model(args.model)
-    try:
-        summary = run_study(model, tokenizer, study, data, output, progress=not args.quiet)
+    try:  # with --overwrite, run_study removes the old study only after its own checks
+        summary = run_study(model, tokenizer, study, data, output, progress=not args.quiet,
+                            overwrite=args.overwrite)
     except AdapterConfigError as err:
         raise DataError(str(err)) from None
     print(f"{summary['task']}: {summary['n_train']} train / {summary['n_eval']} test examples, "

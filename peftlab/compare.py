@@ -16,18 +16,26 @@ Learning rates: a method's update scale differs (VeRA's vectors want about 10× 
 paper's rule of thumb), so each method gets its own rate from ``LEARNING_RATES``; ``--lr 1e-3`` sets
 one for all and ``--lr oft=1e-2,vera=5e-3`` overrides some. Peak memory is the process's peak
 resident set on CPU (model included) and ``torch.cuda.max_memory_allocated`` on a GPU.
+
+Settings common to every run (the numbers, the learning rates, the model, --output) are checked before
+--output is touched, so a bad one is a one-line error. A run that fails on its own is reported in its
+row (its one-line error in ``compare.json``); when no method's run succeeds, the command fails with the
+first run's error, and an old comparison in --output (moved aside meanwhile) is put back as it was.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +44,7 @@ DEFAULT_METHODS = ("lora", "ether", "etherplus", "oft", "vera", "bottleneck")
 LEARNING_RATES = {"lora": 1e-3, "vera": 1e-2, "oft": 1e-3, "ether": 3e-3, "etherplus": 3e-3, "etherplus_hh": 3e-3,
                   "bottleneck": 1e-3}
 TEMPLATE = "chat"
+ERROR_FILE = "error.txt"  # a failed worker's one-line error, for the parent's report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,9 +104,49 @@ def _rate(value: str, text: str) -> float:
         rate = float(value)
     except ValueError:
         raise CompareError(f"--lr {text!r} is not a rate: give e.g. --lr 1e-3 or --lr oft=1e-2,vera=5e-3") from None
-    if not rate > 0:
-        raise CompareError(f"learning rate {rate} in --lr {text!r} must be positive: give e.g. --lr 1e-3")
+    if not 0 < rate < math.inf:  # NaN too
+        raise CompareError(f"learning rate {rate} in --lr {text!r} must be positive and finite: give e.g. --lr 1e-3")
     return rate
+
+
+def train_config(args, output: Path, lr: float, seed: int):
+    """One run's training settings; the parent builds them too, so that TrainConfig refuses a bad one
+    before --output is touched."""
+    from peftlab.train import TrainConfig
+
+    return TrainConfig(output_dir=str(output), max_steps=args.steps, batch_size=args.batch_size,
+                       micro_batch_size=args.batch_size, lr=lr, warmup_steps=min(10, args.steps // 4), seed=seed,
+                       log_every=5)
+
+
+def check_settings(args, methods: list[str], seeds: list[int], rates: dict[str, float]) -> None:
+    """Everything every run shares, checked in the parent before --output is touched: a bad setting is one
+    line here, not the same traceback in every worker after the old results are gone."""
+    from peftlab.adapters import method_class
+    from peftlab.calibrate import check_positive
+    from peftlab.data import arithmetic_splits
+
+    if not methods:
+        raise CompareError(f"--methods {args.methods!r} names no method: give e.g. --methods lora,vera")
+    check_positive({"--steps": args.steps, "--batch-size": args.batch_size, "--train": args.train,
+                    "--test": args.test, "--max-new-tokens": args.max_new_tokens}, CompareError)
+    arithmetic_splits(args.train, args.test, seed=args.data_seed)  # enough distinct problems
+    for method in methods:
+        method_class(method).config_class(sibo_lambda=args.sibo_lambda)  # --sibo-lambda in [0, 1]
+        for seed in seeds:
+            train_config(args, Path(args.output), rates[method], seed).check_data(args.train)
+    _check_model(args.model)
+
+
+def _check_model(name: str) -> None:
+    """The model resolves and its tokenizer loads. Its weights are left to the workers: loading them here
+    costs a second load, and a GGUF model's first load (its conversion) would raise this process's peak
+    memory, which every worker's ru_maxrss inherits. Weights that do not load fail every worker, and
+    ``replacing`` then puts the old results back."""
+    from peftlab.models import load_tokenizer, resolve
+
+    if resolve(name).gguf_file is None:
+        load_tokenizer(name)
 
 
 def run_method(method: str, args, output: Path) -> dict:
@@ -108,7 +157,7 @@ def run_method(method: str, args, output: Path) -> dict:
     from peftlab.evaluation.arithmetic import score_generations
     from peftlab.inject import add_adapter, trainable_summary
     from peftlab.models import load_model, load_tokenizer
-    from peftlab.train import TrainConfig, train
+    from peftlab.train import train
 
     seed = int(args.seeds)
     torch.manual_seed(seed)
@@ -122,10 +171,8 @@ def run_method(method: str, args, output: Path) -> dict:
         add_adapter(model, config, seed=seed)
         lr = learning_rates(args.lr, [method])[method]
         data = tokenize_examples(train_examples, tokenizer, TEMPLATE, max_length=256)
-        trained = train(model, data, TrainConfig(output_dir=str(output), max_steps=args.steps, batch_size=args.batch_size,
-                                                 micro_batch_size=args.batch_size, lr=lr, warmup_steps=min(10, args.steps // 4),
-                                                 seed=seed, log_every=5),
-                        tokenizer=tokenizer, run_info={"model": args.model, "adapter": config.to_dict(), "lr": lr})
+        trained = train(model, data, train_config(args, output, lr, seed), tokenizer=tokenizer,
+                        run_info={"model": args.model, "adapter": config.to_dict(), "lr": lr})
         steady = sorted(trained.step_seconds[1:] or trained.step_seconds)  # the first step warms up caches
         result.update(trainable=trainable_summary(model)["trainable"], step_s=steady[len(steady) // 2],
                       final_loss=trained.final_loss, lr=lr, config=config.to_dict())
@@ -147,11 +194,50 @@ def compare(args) -> list[dict]:
         method_class(method)  # an unknown method fails before anything runs
     seeds = parse_seeds(args.seeds)
     rates = learning_rates(args.lr, methods)  # a bad --lr fails before anything runs
+    check_settings(args, methods, seeds, rates)
     output = Path(args.output)
-    refuse_existing(output, args.overwrite)
+    refuse_existing(output, args.overwrite)  # nor a file, nor under one
+    with replacing(output):
+        runs = _run_jobs(args, methods, seeds, rates, output)
+        if all("error" in r for r in runs if r["method"] != "base"):  # nothing to compare
+            first = next(r for r in runs if "error" in r)
+            raise CompareError(f"every method's run failed, the first ({first['method']}, seed {first['seed']}) "
+                               f"with {first['error']}: fix that and run again with --overwrite")
+        results = summarize(runs, ["base"] + methods)
+        # args also carries the CLI's dispatch function; keep the plain settings
+        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "overwrite", "run", "command")}
+        summary = {"settings": {**settings, "learning_rates": rates}, "results": results, "runs": runs}
+        (output / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print("\n" + table(results))
+        plot(results, output / "compare.png", args)
+    print(f"\nwrote {output / 'compare.json'} and {output / 'compare.png'}")
+    return results
+
+
+@contextmanager
+def replacing(output: Path):
+    """Context: ``output`` as a fresh, empty directory. An old one is moved aside, deleted when the block
+    succeeds and put back when it fails: a comparison that fails as a whole (say, a model whose weights
+    do not load, which only the workers find) leaves the old results as they were."""
+    aside = None
     if output.exists():
-        shutil.rmtree(output)
+        aside = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
+        os.replace(output, aside / output.name)
     output.mkdir(parents=True)
+    try:
+        yield output
+    except BaseException:
+        if aside is not None:
+            shutil.rmtree(output, ignore_errors=True)
+            os.replace(aside / output.name, output)
+            aside.rmdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
+
+
+def _run_jobs(args, methods: list[str], seeds: list[int], rates: dict[str, float], output: Path) -> list[dict]:
+    """Each (method, seed) in a worker process; a failed one is recorded with its one-line error."""
     # greedy scoring without an adapter does not depend on the seed: the base model runs once
     jobs = [("base", seeds[0])] + [(m, s) for m in methods for s in seeds]
     runs = []
@@ -165,21 +251,15 @@ def compare(args) -> list[dict]:
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
         path = directory / "result.json"
         if proc.returncode != 0 or not path.is_file():
-            print(f"{label} failed (exit {proc.returncode}); see the output above", file=sys.stderr)
-            runs.append({"method": method, "seed": seed, "error": f"exit {proc.returncode}"})
+            error = directory / ERROR_FILE
+            reason = error.read_text().strip() if error.is_file() else "see the output above"
+            print(f"{label} failed (exit {proc.returncode}): {reason}", file=sys.stderr)
+            runs.append({"method": method, "seed": seed, "error": f"exit {proc.returncode}: {reason}"})
             continue
         result = json.loads(path.read_text())
         result["minutes"] = round((time.perf_counter() - started) / 60, 2)
         runs.append(result)
-    results = summarize(runs, ["base"] + methods)
-    # args also carries the CLI's dispatch function; keep the plain settings
-    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "overwrite", "run", "command")}
-    summary = {"settings": {**settings, "learning_rates": rates}, "results": results, "runs": runs}
-    (output / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n" + table(results))
-    plot(results, output / "compare.png", args)
-    print(f"\nwrote {output / 'compare.json'} and {output / 'compare.png'}")
-    return results
+    return runs
 
 
 def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
@@ -274,7 +354,12 @@ def run(args) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     if args.worker:  # the parent passes this run's own directory as --output
         output = Path(args.output)
-        result = run_method(args.worker, args, output)
+        try:
+            result = run_method(args.worker, args, output)
+        except Exception as err:  # the parent reports this line in the run's row
+            output.mkdir(parents=True, exist_ok=True)
+            (output / ERROR_FILE).write_text(f"{type(err).__name__}: {' '.join(str(err).split())}\n")
+            raise
         (output / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         return 0
     compare(args)
@@ -282,6 +367,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":  # the worker entry point; users run `peftlab compare`
-    parser = argparse.ArgumentParser(prog="peftlab compare")
-    add_arguments(parser)
-    sys.exit(run(parser.parse_args()))
+    from peftlab.cli import main
+
+    sys.exit(main(["compare", *sys.argv[1:]]))  # bad input: the CLI's one-line error, not a traceback

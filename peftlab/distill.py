@@ -14,11 +14,16 @@ so a drafter learns to predict the end. One JSON line per prompt:
 Prompts are decoded in batches of similar length with left padding, so a batch's numerics differ
 from batch-1 decoding only by reduction order (a near-tie may rarely flip in float32; pass
 ``batch_size=1`` for bit-exact batch-1 greedy). Lines are appended batch by batch, so an interrupted
-run continues with ``resume=True`` where it stopped.
+run continues with ``resume=True`` where it stopped. ``overwrite=True`` writes a temporary file beside
+the old one and replaces it only once every answer is written: bad input (an unknown template, an
+unreadable prompt) or a failure part-way leaves the old file as it was.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -41,11 +46,12 @@ def read_prompts(source: str, limit: int | None = None) -> list[str]:
             prompts.append(record["instruction"] + ("\n\n" + extra if extra else ""))
         elif isinstance(record, dict) and isinstance(record.get("question"), str):
             prompts.append(record["question"])
-        elif isinstance(record, dict) and record.get("turns") and isinstance(record["turns"][0], str):
+        elif isinstance(record, dict) and isinstance(record.get("turns"), list) and record["turns"] \
+                and isinstance(record["turns"][0], str):
             prompts.append(record["turns"][0])
         else:
             raise DataError(f"{where} holds no prompt: give strings or objects with a 'prompt', 'instruction', "
-                            "'question' or 'turns' field")
+                            "'question' or 'turns' (a list of strings) field")
     return prompts
 
 
@@ -60,8 +66,15 @@ def encode_prompts(tokenizer, prompts: Sequence[str], template: str | None) -> l
 
 
 def refuse_existing(output: Path, resume: bool, overwrite: bool) -> None:
-    """An existing distillation file is continued only with ``resume`` and replaced only with ``overwrite``."""
-    if Path(output).exists() and not (resume or overwrite):
+    """An existing distillation file is continued only with ``resume`` and replaced only with ``overwrite``;
+    a directory at ``output`` or a file in the way of its folder is refused whatever the flags."""
+    from peftlab.io import check_output_dir
+
+    output = Path(output)
+    if output.is_dir():
+        raise FileExistsError(f"--output {output} is a directory: give a file path, e.g. {output / 'pairs.jsonl'}")
+    check_output_dir(output.parent)  # its folder is, or can be made, a folder: no file in the way
+    if output.exists() and not (resume or overwrite):
         raise FileExistsError(f"{output} exists: pass --resume to continue it, --overwrite to replace it, "
                               "or choose another --output")
 
@@ -105,35 +118,77 @@ def distill(model, tokenizer, prompts: Sequence[str], output: str | Path, templa
     from tqdm.auto import tqdm
 
     if max_new_tokens <= 0 or batch_size <= 0:
-        raise DataError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}")
+        raise DataError(f"max_new_tokens and batch_size must be positive, got {max_new_tokens} and {batch_size}: "
+                        "pass --max-new-tokens and --batch-size of 1 or more")
     output = Path(output)
     refuse_existing(output, resume, overwrite)
-    done = _done_ids(output) if output.exists() and resume else set()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite and not resume:
-        output.write_text("")
+    resume = resume and output.exists()
+    done = _done_ids(output) if resume else set()
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    # Everything that can refuse the input (the template, a prompt the tokenizer cannot take) runs before
+    # the output is opened.
     encoded = encode_prompts(tokenizer, prompts, template)
     todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(encoded[i]))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    replacing = output.exists() and not resume  # --overwrite: the old file stays until the new one is complete
+    if replacing:
+        fd, name = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".partial")
+        target = Path(name)
+        shutil.copymode(output, target)  # mkstemp's 0600 would otherwise replace the old file's mode
+        f = os.fdopen(fd, "w", encoding="utf-8")
+    else:  # a new file or --resume: appended batch by batch, so an interrupted run can be resumed
+        target, f = output, output.open("a", encoding="utf-8")
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc="distill", unit="prompt",
                disable=not progress, dynamic_ncols=True)
-    with output.open("a", encoding="utf-8") as f:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            for i, (response, finished) in zip(chunk, greedy_batch(model, [encoded[i] for i in chunk],
-                                                                   max_new_tokens, pad_id, eos_ids)):
-                f.write(json.dumps({"id": i, "prompt": prompts[i], "prompt_ids": encoded[i], "response_ids": response,
-                                    "response": tokenizer.decode(response, skip_special_tokens=True),
-                                    "finished": finished}, ensure_ascii=False) + "\n")
-            f.flush()  # a killed run keeps every finished batch
-            bar.update(len(chunk))
-    bar.close()
-    model.train(was_training)
+    try:
+        with f:
+            for start in range(0, len(todo), batch_size):
+                chunk = todo[start:start + batch_size]
+                for i, (response, finished) in zip(chunk, greedy_batch(model, [encoded[i] for i in chunk],
+                                                                       max_new_tokens, pad_id, eos_ids)):
+                    f.write(json.dumps({"id": i, "prompt": prompts[i], "prompt_ids": encoded[i],
+                                        "response_ids": response,
+                                        "response": tokenizer.decode(response, skip_special_tokens=True),
+                                        "finished": finished}, ensure_ascii=False) + "\n")
+                f.flush()  # a killed run keeps every finished batch for --resume
+                bar.update(len(chunk))
+        if replacing:
+            os.replace(target, output)
+    finally:
+        if replacing:
+            target.unlink(missing_ok=True)  # gone after os.replace; a failed run's partial file is dropped
+        bar.close()
+        model.train(was_training)
     return output
+
+
+def _is_id(value) -> bool:
+    """A token or record id: an int >= 0 (a bool is an int to Python, not to us)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _pair_problem(record) -> str | None:
+    """Why ``record`` is not a distillation record, or None. Checked when the file is read: a negative id
+    would otherwise index the embedding backwards (an IndexError deep in training), a text id would fail
+    the sort."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if "id" in record and not _is_id(record["id"]):
+        return f"id {record['id']!r} is not a prompt number (an integer >= 0)"
+    for key in ("prompt_ids", "response_ids"):
+        ids = record.get(key)
+        if not isinstance(ids, list):
+            return f"no {key} list of token ids"
+        bad = [t for t in ids if not _is_id(t)]
+        if bad:
+            return f"{key} holds {bad[0]!r}, not a token id (an integer >= 0)"
+    if not record["prompt_ids"]:
+        return "prompt_ids is empty"
+    return None
 
 
 def read_pairs(path: str | Path) -> list[dict]:
@@ -141,19 +196,24 @@ def read_pairs(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"distillation file {path} not found: create it with `peftlab distill`")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"distillation file {path} is not UTF-8 text (byte {err.start}): "
+                        "regenerate it with `peftlab distill`") from None
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            ok = all(isinstance(record.get(k), list) and all(isinstance(t, int) for t in record[k])
-                     for k in ("prompt_ids", "response_ids")) and record["prompt_ids"]
-        except (ValueError, AttributeError):
-            ok = False
-        if not ok:
-            raise DataError(f"{path} line {number} is not a distillation record with prompt_ids and response_ids "
-                            "(lists of token ids): regenerate it with `peftlab distill`")
+        except ValueError:
+            problem = "not valid JSON"
+        else:
+            problem = _pair_problem(record)
+        if problem:
+            raise DataError(f"{path} line {number} is not a distillation record ({problem}): "
+                            "regenerate it with `peftlab distill`")
         pairs.append(record)
     if not pairs:
         raise DataError(f"distillation file {path} is empty: run `peftlab distill` first")
