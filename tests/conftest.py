@@ -119,3 +119,21 @@ def embedded():
         return load_model(EMBEDDED_MODEL), load_tokenizer(EMBEDDED_MODEL)
     except ModelLoadError as err:
         pytest.skip(str(err))
+
+
+def fail(capsys, argv) -> str:
+    """Run the CLI on ``argv``: exit status 2 and exactly one line, ``peftlab: error: <message>``, on stderr
+    (no traceback); returns that line."""
+    from peftlab.cli import main
+
+    capsys.readouterr()  # forget what the test printed before
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("peftlab: error: ") and "Traceback" not in err, err
+    return err.strip()
+
+
+def snapshot(*paths: Path) -> dict:
+    """Every file under ``paths`` (or each path itself) with its bytes: a refused command must change none."""
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
+    return {f: f.read_bytes() for f in files if f.is_file()}

@@ -7,27 +7,16 @@ from pathlib import Path
 import pytest
 
 from peftlab.adapters import LoraConfig
-from peftlab.cli import main
 from peftlab.data import DataError, read_records
 from peftlab.generate import GenerationError, check_output_file, generate, step_tokens, stream
 from peftlab.inject import add_adapter
 from peftlab.io import AdapterFileError, export_peft, load_adapter, save_adapter, save_merged
 from peftlab.models import ModelLoadError, load_model, load_tokenizer, resolve, tiny_model
+from conftest import fail, snapshot
 
 
-def fail(capsys, argv) -> str:
-    """Run argv, expect exit status 2 and exactly one line on stderr; return that line."""
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("peftlab: error: "), err
-    return err[0]
 
 
-def snapshot(*paths: Path) -> dict:
-    """Every file under ``paths`` with its bytes, to check that a refused command changed nothing."""
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*")))]
-    return {f: f.read_bytes() for f in files if f.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 
 from peftlab.cli import main
 from peftlab.models import tiny_model, tiny_tokenizer
+from conftest import fail, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +21,6 @@ def run_dir(model_dir, tmp_path_factory):
     return out
 
 
-def fail(capsys, argv) -> str:
-    """Run argv, expect exit status 2 and exactly one line on stderr; return that line."""
-    capsys.readouterr()  # forget what the test printed before
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("peftlab: error: "), err
-    return err[0]
 
 
 def test_train_writes_a_run(run_dir):
@@ -134,8 +128,6 @@ def test_existing_run_is_not_overwritten(run_dir, model_dir, capsys):
     assert (run_dir / "adapter.safetensors").read_bytes() == before
 
 
-def _tree(path):
-    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -152,12 +144,12 @@ def _tree(path):
     (["--resume"], "without a checkpoint to resume from"),  # the run has none: resuming would start over on it
 ])
 def test_bad_settings_leave_an_old_run_untouched_even_with_overwrite(run_dir, model_dir, capsys, flags, message):
-    before = _tree(run_dir)
+    before = snapshot(run_dir)
     overwrite = [] if "--resume" in flags else ["--overwrite"]
     line = fail(capsys, ["train", "--model", str(model_dir), "--data", "builtin:arithmetic:8", "--template", "plain",
                          "--max-steps", "1", "--batch-size", "2", "--output", str(run_dir), *overwrite, *flags])
     assert message in line
-    assert _tree(run_dir) == before
+    assert snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize("yaml_text, message", [

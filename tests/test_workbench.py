@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from conftest import randomize_adapters
+from conftest import fail, randomize_adapters
 from peftlab.adapters import BlobConfig, LoraConfig
 from peftlab.cli import main
 from peftlab.generate import generate, step_tokens
@@ -246,12 +246,6 @@ def test_only_loopback_without_allow_remote(host, allowed):
             check_host(host, allow_remote=False)
 
 
-def fail(capsys, argv) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("peftlab: error: "), err
-    return err[0]
 
 
 def test_ui_cli_refuses_before_loading_anything(capsys, tmp_path, adapters):
