@@ -241,6 +241,9 @@ def cmd_train(args) -> int:
     s = _train_settings(args)
     if not s["data"]:
         raise CliError("no training data: pass --data FILE (or builtin:arithmetic), or set data: in --config")
+    for key in ("limit", "max_length"):  # for every method, before anything loads
+        if s[key] is not None and s[key] < 1:
+            raise CliError(f"--{key.replace('_', '-')} must be positive, got {s[key]}: leave it out for the default")
     bita_options = sorted(k for k in TRAIN_DEFAULTS if k.startswith("bita_") and s[k] != TRAIN_DEFAULTS[k])
     if s["method"] == "bita":
         return _train_bita(s)
@@ -391,6 +394,14 @@ def add_generation_flags(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
 
 
+def _check_template_name(name: str, allowed=("none",)) -> None:
+    """A prompt template's name, checked before a model loads (the chat template itself needs the tokenizer)."""
+    from peftlab.data import TEMPLATES
+
+    if name not in (*TEMPLATES, *allowed):
+        raise CliError(f"unknown prompt template {name!r}: choose one of {', '.join((*TEMPLATES, *allowed))}")
+
+
 def cmd_generate(args) -> int:
     from peftlab.generate import check_options, check_output_file, generate
     from peftlab.methods.bita import parse_tree
@@ -401,13 +412,20 @@ def cmd_generate(args) -> int:
         prompts += [e.instruction + ("\n\n" + e.input if e.input else "") for e in load_examples(args.prompts)]
     if not prompts:
         raise CliError("no prompt: pass --prompt TEXT (repeatable) or --prompts FILE")
+    if args.tree and not args.accelerate:
+        raise CliError("--tree applies only with --accelerate bita: add --accelerate bita or remove --tree")
     if args.accelerate and not args.adapter:
         raise CliError(f"--accelerate {args.accelerate} needs the trained tokens: pass --adapter RUN "
                        "(a run of `peftlab train --method bita`)")
     tree = parse_tree(args.tree)
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)  # before the model loads
+    _check_template_name(args.template)
     if args.output:
         check_output_file(args.output)  # a bad path must not throw the generated text away at the end
+        if args.prompts and Path(args.output).resolve() == Path(args.prompts).resolve():
+            raise CliError(f"--output {args.output} is the --prompts file: choose another --output")
+        if Path(args.output).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.output} exists: pass --overwrite to replace it, or choose another --output")
     model, tokenizer = _load_model_and_adapter(args)
     template = None if args.template == "none" else args.template
     if args.accelerate:
@@ -452,6 +470,7 @@ def cmd_chat(args) -> int:
     from peftlab.generate import check_options, stream
 
     check_options(args.max_new_tokens, args.temperature, args.top_p)
+    _check_template_name(args.template)
     if sys.stdin is None or sys.stdin.closed:
         raise CliError("chat reads messages from standard input, which is closed: run it in a terminal or pipe "
                        "messages into it")
@@ -498,7 +517,7 @@ def cmd_eval(args) -> int:
     import os
     import time
 
-    from peftlab.evaluation.tasks import get_task, run_task, task_file
+    from peftlab.evaluation.tasks import check_task, run_task
     from peftlab.io import refuse_existing
 
     names = [n for item in args.task for n in item.split(",") if n]
@@ -506,8 +525,8 @@ def cmd_eval(args) -> int:
     if not data:
         raise CliError("no data: pass --data with the test file or the folder of LLM-Adapters datasets "
                        "(or set PEFTLAB_DATA)")
-    for name in names:  # every name and file is checked before the model is loaded
-        task_file(get_task(name), data)
+    if not names:
+        raise CliError(f"--task {' '.join(args.task)!r} names no task: give e.g. --task svamp,arc_e")
     if len(names) > 1 and Path(data).is_file():
         raise CliError("several tasks need --data to be the data folder, not one file")
     if args.limit is not None and args.limit < 1:
@@ -515,6 +534,9 @@ def cmd_eval(args) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:
             raise CliError(f"{flag} must be positive, got {value}: leave it out for the default")
+    _check_template_name(args.template, allowed=())
+    for name in names:  # every name and file is read and checked before the model is loaded
+        check_task(name, data, args.limit)
     out = Path(args.output or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     refuse_existing(out, args.overwrite)  # earlier results are replaced only when asked
     model, tokenizer = _load_model_and_adapter(args)
@@ -569,12 +591,24 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(run=cmd_eval)
 
 
+def _refuse_output_over_inputs(output: Path, *inputs) -> None:
+    """--overwrite replaces --output: never when that would delete an input (the adapter, the base model)."""
+    target = output.resolve()
+    for source in inputs:
+        if source and Path(source).exists():
+            path = Path(source).resolve()
+            if target == path or target in path.parents:
+                raise CliError(f"--output {output} would replace the input {source}: choose another --output")
+
+
 def cmd_merge(args) -> int:
     from peftlab.io import refuse_existing, save_merged
 
     output = Path(args.output)
+    _refuse_output_over_inputs(output, args.adapter, args.model)
     refuse_existing(output, args.overwrite)  # before loading anything
     model, tokenizer = _load_model_and_adapter(args, padding_side="right")
+    _refuse_output_over_inputs(output, model.config.name_or_path)  # the base the adapter named
     save_merged(model, tokenizer, output, overwrite=args.overwrite)
     print(f"merged checkpoint written to {output} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -584,8 +618,10 @@ def cmd_export(args) -> int:
     from peftlab.io import export_peft, refuse_existing
 
     output = Path(args.output)
+    _refuse_output_over_inputs(output, args.adapter, args.model)
     refuse_existing(output, args.overwrite)
     model, _ = _load_model_and_adapter(args, padding_side="right")
+    _refuse_output_over_inputs(output, model.config.name_or_path)
     export_peft(model, output, base_model_name=args.model, as_lora=args.as_ == "lora")
     kind = "an exact PEFT LoRA adapter" if args.as_ == "lora" else "PEFT adapter"
     print(f"{kind} written to {output} (load it with peft.PeftModel.from_pretrained)")
@@ -668,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="a data file whose instructions are the prompts")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     p.add_argument("--output", help="also write {prompt, output} lines to this JSONL file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--accelerate", choices=["bita"], help="bita: draft and verify with the adapter's BiTA tokens "
                                                           "(greedy; output identical to plain greedy decoding)")
     p.add_argument("--tree", help="bita: draft-tree widths per level, e.g. 1,1,1 (CPU default) or 5,4,3 (GPU default)")

@@ -18,6 +18,7 @@ raise ``GenerationError`` before the model runs; it is a ``DataError``, so the C
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from pathlib import Path
@@ -88,9 +89,12 @@ def check_output_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise GenerationError(f"output {path} is a directory: give a file path such as {path / 'outputs.jsonl'}")
-    if not path.parent.is_dir():
-        raise GenerationError(f"output {path}: directory {path.parent} does not exist: create it or choose "
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise GenerationError(f"output {path}: directory {folder} does not exist: create it or choose "
                               "another path")
+    if not os.access(folder, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        raise GenerationError(f"output {path} cannot be written (permissions): choose another path")
     return path
 
 
@@ -106,6 +110,8 @@ def generate(model, tokenizer, prompts: Sequence[str], template: str | None = No
     ``accelerate="bita"`` decodes with the model's BiTA tokens (greedy, same output, fewer passes)."""
     from tqdm.auto import tqdm
 
+    if isinstance(prompts, str):  # a string is a sequence too: each character would become a prompt
+        raise GenerationError("prompts must be a list of strings, got one string: pass [prompt]")
     check_options(max_new_tokens, temperature, top_p, batch_size)
     _check_prompts(prompts)
     if accelerate is not None:

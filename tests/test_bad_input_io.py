@@ -242,3 +242,9 @@ def test_library_writers_refuse_a_file_as_directory(adapter_dir, model_dir, tmp_
         with pytest.raises(FileExistsError, match="choose a directory path"):
             write()
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_generate_refuses_one_string_as_prompts(tiny, tokenizer):
+    """A string is a sequence of characters: it would silently become one prompt per character."""
+    with pytest.raises(GenerationError, match=r"got one string: pass \[prompt\]"):
+        generate(tiny, tokenizer, "hi", max_new_tokens=2)

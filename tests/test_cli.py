@@ -140,6 +140,8 @@ def test_existing_run_is_not_overwritten(run_dir, model_dir, capsys):
     (["--weight-decay", "-1"], "weight_decay must be >= 0"),
     (["--max-grad-norm", "nan"], "max_grad_norm must be positive"),
     (["--eval-size", "-1"], "--eval-size must be >= 0"),
+    (["--limit", "-1"], "--limit must be positive"),  # for BiTA too: checked before the method's own path
+    (["--method", "bita", "--max-length", "0"], "--max-length must be positive"),
     (["--method", "blob", "--kl-cycle", "0"], "KL cycle ≥ 1"),  # not silently the default cycle
     (["--resume"], "without a checkpoint to resume from"),  # the run has none: resuming would start over on it
 ])
@@ -376,6 +378,9 @@ def test_eval_bad_input(model_dir, tmp_path, capsys):
     assert "several tasks need --data to be the data folder" in fail(
         capsys, ["eval", "--task", "svamp", "arc_e", "--data", one_file])
     assert "--limit must be a positive" in fail(capsys, ["eval", "--task", "svamp", "--data", one_file, "--limit", "0"])
+    assert "names no task" in fail(capsys, ["eval", "--task", ",", "--data", one_file])
+    assert "unknown prompt template 'foo'" in fail(capsys, ["eval", "--task", "svamp", "--data", one_file,
+                                                            "--template", "foo"])
     assert "cannot find options" in fail(
         capsys, ["eval", "--task", "arc_e", "--data", one_file, "--model", str(model_dir), "--output",
                  str(tmp_path / "o")])  # an arithmetic file given to a multiple-choice task
@@ -394,6 +399,41 @@ def test_generate_and_chat_check_options_before_loading_the_model(tmp_path, caps
     assert message in fail(capsys, ["generate", "--model", missing, "--prompt", "hi", *flags])
     if "--batch-size" not in flags:
         assert message in fail(capsys, ["chat", "--model", missing, *flags])
+
+
+def test_generate_keeps_existing_files_unless_told(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"instruction": "hi", "output": ""}\n')
+    old = tmp_path / "o.jsonl"
+    old.write_text("old\n")
+    base = ["generate", "--model", str(model_dir), "--template", "plain", "--max-new-tokens", "2"]
+    assert "exists: pass --overwrite" in fail(capsys, base + ["--prompt", "hi", "--output", str(old)])
+    assert "is the --prompts file" in fail(capsys, base + ["--prompts", str(prompts), "--output", str(prompts),
+                                                          "--overwrite"])
+    assert old.read_text() == "old\n" and prompts.read_text().startswith('{"instruction"')
+    assert main(base + ["--prompt", "hi", "--output", str(old), "--overwrite"]) == 0
+    assert json.loads(old.read_text())["prompt"] == "hi"
+    assert "--tree applies only with --accelerate" in fail(capsys, base + ["--prompt", "hi", "--tree", "1,1"])
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_an_unknown_template_is_refused_before_the_model_loads(tmp_path, capsys, command):
+    argv = [command, "--model", str(tmp_path / "no-model"), "--template", "foo"]
+    assert "unknown prompt template 'foo'" in fail(capsys, argv + (["--prompt", "hi"] if command == "generate" else []))
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_merge_and_export_never_replace_their_inputs(run_dir, model_dir, tmp_path, capsys, command):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir, adapter)
+    before = snapshot(adapter)
+    for output in (adapter, tmp_path):  # the adapter itself, and a folder holding it
+        line = fail(capsys, [command, "--adapter", str(adapter), "--model", str(model_dir), "--output", str(output),
+                             "--overwrite"])
+        assert "would replace the input" in line
+    assert snapshot(adapter) == before
 
 
 def test_generate_checks_its_output_path_before_generating(model_dir, tmp_path, capsys):

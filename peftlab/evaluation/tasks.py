@@ -83,6 +83,17 @@ class _Bar:
         self.bar.close()
 
 
+def check_task(name: str, data: str | Path, limit: int | None = None) -> None:
+    """Read task ``name``'s file as ``run_task`` will, so a bad task, file or gold answer fails before a model
+    is loaded or an earlier result is replaced."""
+    task = get_task(name)
+    path = task_file(task, data)
+    if task.kind == "arithmetic":
+        arithmetic.check_golds(load_examples(str(path), limit), letters=task.style == "letters", source=str(path))
+    else:
+        load_choice_examples(task, path, limit)
+
+
 def run_task(model, tokenizer, name: str, data: str | Path, out_dir: str | Path | None = None,
              limit: int | None = None, scoring: str = "loglik", template: str = "alpaca-eval",
              batch_size: int = 32, max_new_tokens: int | None = None, progress: bool = True) -> dict:
