@@ -622,7 +622,7 @@ def cmd_export(args) -> int:
     refuse_existing(output, args.overwrite)
     model, _ = _load_model_and_adapter(args, padding_side="right")
     _refuse_output_over_inputs(output, model.config.name_or_path)
-    export_peft(model, output, base_model_name=args.model, as_lora=args.as_ == "lora")
+    export_peft(model, output, base_model_name=args.model, as_lora=args.as_ == "lora", overwrite=args.overwrite)
     kind = "an exact PEFT LoRA adapter" if args.as_ == "lora" else "PEFT adapter"
     print(f"{kind} written to {output} (load it with peft.PeftModel.from_pretrained)")
     return 0
@@ -655,8 +655,19 @@ def cmd_info(args) -> int:
 
     method_class("lora")  # registers every method
     if args.adapter:
-        from peftlab.io import WEIGHTS_FILE, _read_tensors, read_adapter_config
+        from peftlab.io import (CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, _read_tensors,
+                                read_adapter_config, read_peft_config)
 
+        folder = Path(args.adapter)
+        if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / CONFIG_FILE).is_file():  # a PEFT directory
+            peft = read_peft_config(folder)
+            count = sum(t.numel() for t in _read_tensors(folder / PEFT_WEIGHTS_FILE).values())
+            rest = {k: v for k, v in peft.items() if k not in ("peft_type", "base_model_name_or_path")}
+            print(f"PEFT {peft['peft_type']} adapter {args.adapter}")
+            print(f"  base model: {peft.get('base_model_name_or_path')}")
+            print(f"  config: {json.dumps(rest)}")
+            print(f"  {count:,} parameters")
+            return 0
         config = read_adapter_config(args.adapter)
         count = sum(t.numel() for t in _read_tensors(Path(args.adapter) / WEIGHTS_FILE).values())
         print(f"adapter {args.adapter}")

@@ -18,8 +18,8 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from peftlab.adapters.base import (ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D, linear_features,
-                                   method_class, share_derivations)
+from peftlab.adapters.base import (ALL_LINEAR, AdapterConfig, AdapterConfigError, AdapterLayer, Conv1D,
+                                   config_from_dict, linear_features, method_class, share_derivations)
 from peftlab.methods import attached
 
 _LINEAR_TYPES = (nn.Linear,) + ((Conv1D,) if Conv1D else ())
@@ -68,15 +68,43 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     return found
 
 
-def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", seed: int | None = None,
+def as_names(names: str | Iterable[str]) -> tuple[str, ...]:
+    """Adapter names as a tuple: one string is one name (not its characters), and each name must be a string."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    wrong = [n for n in names if not isinstance(n, str)]
+    if wrong:
+        raise AdapterConfigError(f"adapter names must be strings, got {wrong[0]!r}: pass a name like 'default' or "
+                                 "a list of names")
+    return names
+
+
+def _as_config(config: AdapterConfig | dict) -> AdapterConfig:
+    """An adapter config, also from its dict form ({"method": "lora", "r": 8}, as ``to_dict`` writes it)."""
+    if isinstance(config, dict):
+        return config_from_dict(config)
+    if not isinstance(config, AdapterConfig):
+        given = f"the class {config.__name__}: pass an instance, {config.__name__}(...)" if isinstance(config, type) \
+            else f"got {config!r}"
+        raise AdapterConfigError(f"config must be an AdapterConfig such as LoraConfig(r=8) or a dict like "
+                                 f"{{'method': 'lora', 'r': 8}}, {given}")
+    return config
+
+
+def add_adapter(model: nn.Module, config: AdapterConfig | dict, name: str = "default", seed: int | None = None,
                 activate: bool = True) -> list[str]:
-    """Add adapter ``name`` to every layer ``config`` targets; returns the wrapped module names.
+    """Add adapter ``name`` to every layer ``config`` (a config, or its dict form) targets; returns the wrapped
+    module names.
 
     ``seed`` makes the initialisation independent of the global RNG (ensembles use one per member).
     With ``activate`` the new adapter becomes the only active one.
     """
-    if not name or "." in name:
-        raise AdapterConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
+    if not isinstance(model, nn.Module):
+        raise AdapterConfigError(f"model must be a torch nn.Module (e.g. from load_model()), got {type(model).__name__}")
+    config = _as_config(config)
+    if not isinstance(name, str) or not name or "." in name:
+        raise AdapterConfigError(f"adapter name {name!r} must be a non-empty string without '.'")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise AdapterConfigError(f"seed must be an int or None, got {seed!r}")
     adapter_class = method_class(config.method)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     targets = find_targets(model, config)
@@ -130,8 +158,8 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def set_active(model: nn.Module, names: Iterable[str]) -> None:
-    """Make ``names`` (in order) the active adapters of every layer that has them."""
-    names = tuple(names)
+    """Make ``names`` (in order; one string is one name) the active adapters of every layer that has them."""
+    names = as_names(names)
     unknown = set(names) - set(adapter_names(model))
     if unknown:
         raise AdapterConfigError(f"no adapter named {sorted(unknown)} in the model: it has {adapter_names(model)}")
@@ -157,7 +185,7 @@ def set_trainable(model: nn.Module, names: Iterable[str] | None = None) -> None:
     """Freeze everything except the parameters of the adapters ``names`` (default: all, and those of a
     model-level method such as Bitune's mixing coefficients)."""
     train_method = names is None
-    names = set(adapter_names(model) if names is None else names)
+    names = set(adapter_names(model) if names is None else as_names(names))
     for p in model.parameters():
         p.requires_grad_(False)
     method = attached(model)
@@ -193,7 +221,7 @@ def unwrap(model: nn.Module, merge_active: bool = True) -> nn.Module:
 
 def adapter_parameters(model: nn.Module, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(full name, tensor) of the parameters and buffers of adapters ``names`` (default: all)."""
-    names = set(adapter_names(model) if names is None else names)
+    names = set(adapter_names(model) if names is None else as_names(names))
     for layer_name, layer in adapter_layers(model):
         for adapter_name, adapter in layer.adapters.items():
             if adapter_name in names:

@@ -13,26 +13,32 @@ all three import from it (each method's ``peft_names``/``config_from_peft`` give
 
 A damaged or hand-edited config (a field of the wrong JSON type, a hyper-parameter its method refuses)
 raises ``AdapterFileError`` naming the file and the field before the model is touched.
+
+Merging and PEFT export write a whole directory: into a temporary sibling first, which replaces the
+output directory (with ``overwrite``) only once complete, so a failure leaves the old one as it was.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from peftlab import __version__
 from peftlab.adapters import AdapterConfig, AdapterConfigError, config_from_dict
 from peftlab.adapters.base import peft_method_class
 from peftlab.data.formats import _json_type
-from peftlab.inject import add_adapter, adapter_layers, adapter_names, adapter_parameters, remove_adapter, unwrap
+from peftlab.inject import (add_adapter, adapter_layers, adapter_names, adapter_parameters, as_names, remove_adapter,
+                            unwrap)
 from peftlab.methods import attached, restore
 from peftlab.models import base_identity
 
@@ -57,7 +63,9 @@ def _atomic_write_json(path: Path, data: dict) -> None:
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    # Written by Python, so the file gets the usual mode (0666 less the umask): safetensors' save_file makes
+    # its files 0600, which other users (a server, a colleague) cannot read.
+    tmp.write_bytes(save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
     os.replace(tmp, path)
 
 
@@ -95,9 +103,16 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def check_output_dir(path: str | Path) -> Path:
     """``path`` is, or can be created as, a directory: neither it nor a folder above it is a file
-    (``--overwrite`` never replaces a file with a directory)."""
+    (``--overwrite`` never replaces a file with a directory) or a dangling symbolic link (which mkdir
+    would meet as "File exists", naming no fix)."""
     path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+    for existing in (path, *path.parents):  # up to "." or "/" at the latest
+        if existing.is_symlink() and not existing.exists():
+            where = "" if existing == path else f"{path}: "
+            raise FileExistsError(f"output path {where}{existing} is a symbolic link to {os.readlink(existing)}, "
+                                  "which does not exist: remove the link, create its target, or choose another path")
+        if existing.exists():
+            break
     if not existing.is_dir():
         where = "is a file" if existing == path else f"lies under the file {existing}"
         raise FileExistsError(f"output path {path} {where}: choose a directory path")
@@ -105,10 +120,58 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 def refuse_existing(path: Path, overwrite: bool) -> None:
-    """An output directory that already holds files is replaced only with ``overwrite``; a file never is."""
+    """An output directory that already holds files is replaced only with ``overwrite``; a file never is,
+    nor a symbolic link to a directory (replacing it would replace the link, or delete the target)."""
     path = check_output_dir(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} already exists: choose a new directory or pass --overwrite")
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{path} already exists: choose a new directory or pass --overwrite")
+        if path.is_symlink():
+            raise FileExistsError(f"output path {path} is a symbolic link to {os.readlink(path)}: --overwrite "
+                                  "replaces a directory, not a link; give the directory itself or a new path")
+
+
+def _new_sibling(path: Path, kind: str) -> Path:
+    """An empty new directory beside ``path`` (on its file system, so that renames are atomic), with the mode
+    mkdir gives (0o777 less the umask), not the 0700 of tempfile.mkdtemp."""
+    while True:
+        sibling = path.with_name(f".{path.name}-{kind}-{secrets.token_hex(4)}")
+        try:
+            sibling.mkdir()
+            return sibling
+        except FileExistsError:  # a name already taken: draw another
+            continue
+
+
+@contextmanager
+def _replacing(path: Path):
+    """Yields a new directory to write ``path``'s files into, which then takes the place of ``path``.
+
+    The writers that replace a whole directory (merge, export) write into a temporary sibling, so an
+    existing directory is replaced only once the new one is complete, and any error leaves it as it
+    was. The replacement keeps the old directory's mode. A symbolic link to an (empty) directory is
+    written through: ``refuse_existing`` has refused to replace a fuller one.
+    """
+    if path.is_symlink():
+        path = path.resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = _new_sibling(path, "new")
+    try:
+        yield new
+        if not path.exists():
+            os.rename(new, path)
+            return
+        new.chmod(stat.S_IMODE(path.stat().st_mode))
+        old = path.with_name(f".{path.name}-old-{secrets.token_hex(4)}")
+        os.rename(path, old)  # a non-empty directory cannot be renamed over: move it aside first
+        try:
+            os.rename(new, path)
+        except BaseException:
+            os.rename(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)  # only there after an error
 
 
 def refuse_method(model: nn.Module, what: str) -> None:
@@ -122,14 +185,24 @@ def refuse_method(model: nn.Module, what: str) -> None:
 
 # -- peftlab format ---------------------------------------------------------------------------
 
+def _identity(model: nn.Module, fix: str) -> dict:
+    """``base_identity(model)``, which a plain torch module (no ``.config``, no input embeddings) does not have."""
+    if not hasattr(model, "config") or not callable(getattr(model, "get_input_embeddings", None)):
+        raise AdapterFileError(f"{type(model).__name__} is not a transformers model (it has no .config and input "
+                               f"embeddings to identify the base model by): {fix}")
+    return base_identity(model)
+
+
 def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = None,
                  extra_tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
-    """Save adapters ``names`` (default: all) of ``model`` into directory ``path``."""
+    """Save adapters ``names`` (default: all; one string is one name) of ``model`` into directory ``path``."""
     path = check_output_dir(path)
-    path.mkdir(parents=True, exist_ok=True)
-    names = adapter_names(model) if names is None else list(names)
+    names = adapter_names(model) if names is None else list(as_names(names))
     if not names and attached(model) is None:  # a model-level method alone (BiTA's tokens) is enough
         raise AdapterFileError("the model has no adapters to save: add one with add_adapter() first")
+    identity = _identity(model, "save_adapter needs a transformers model, whose identity the file records; save "
+                                "a plain module's adapter_parameters() with safetensors instead")
+    path.mkdir(parents=True, exist_ok=True)
     configs = {}
     for _, layer in adapter_layers(model):
         for name in names:
@@ -144,7 +217,7 @@ def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
         tensors[f"extra.{key}"] = value
     active = next((list(layer.active) for _, layer in adapter_layers(model)), [])
     config = {"format": FORMAT, "peftlab_version": __version__, "adapters": configs,
-              "active": [n for n in active if n in names], "base_model": base_identity(model),
+              "active": [n for n in active if n in names], "base_model": identity,
               "targets": {name: [ln for ln, layer in adapter_layers(model) if name in layer.adapters] for name in names},
               "extra": extra_config or {}}
     _atomic_save_tensors(path / WEIGHTS_FILE, tensors, metadata={"format": FORMAT})
@@ -155,8 +228,9 @@ def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
 def read_adapter_config(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir() and not (path / CONFIG_FILE).is_file() and (path / PEFT_CONFIG_FILE).is_file():
-        raise AdapterFileError(f"{path} holds a PEFT adapter, not a peftlab one: use import_peft() "
-                               "(or `peftlab` commands, which detect it)")
+        raise AdapterFileError(f"{path} holds a PEFT adapter ({PEFT_CONFIG_FILE}), not a peftlab one: load it with "
+                               "import_peft(); the commands that load an adapter (generate, chat, eval, merge, export) "
+                               "import it themselves")
     config = _read_json(path / CONFIG_FILE, "peftlab")
     if config.get("format") != FORMAT or not isinstance(config.get("adapters"), dict):
         raise AdapterFileError(f"{path / CONFIG_FILE} is not a peftlab adapter config: re-save the adapter")
@@ -188,11 +262,11 @@ def _check_fields(config: dict, file: Path) -> None:
     _expect(isinstance(base.get("name"), (str, type(None))), file, "base_model.name", base.get("name"), "a string")
     for name, values in config["adapters"].items():
         _expect(isinstance(values, dict), file, f"adapters.{name}", values, "an object")
-        try:  # the method's config validates the saved hyper-parameters (a NaN alpha, a negative r)
+        try:  # the method's config validates the saved hyper-parameters (a NaN alpha, a negative r, a list for a name)
             config_from_dict(values)
-        except AdapterConfigError as err:
-            raise AdapterFileError(f"adapter file {file}: adapter {name!r} has an invalid config ({err}): the file "
-                                   "is damaged or from another peftlab version; re-save it") from None
+        except (AdapterConfigError, TypeError) as err:
+            raise AdapterFileError(f"adapter file {file}: field adapters.{name} is not a valid config ({err}): the "
+                                   "file is damaged or from another peftlab version; re-save it") from None
     _expect_strings(file, "active", config.get("active", []))
     targets = config.get("targets", {})
     _expect(isinstance(targets, dict), file, "targets", targets, "an object")
@@ -202,10 +276,14 @@ def _check_fields(config: dict, file: Path) -> None:
     _expect(isinstance(extra, dict), file, "extra", extra, "an object")
     method = extra.get("method")
     _expect(isinstance(method, (dict, type(None))), file, "extra.method", method, "an object")
+    if method is not None:  # the loader looks the name up among the model-level methods
+        _expect(isinstance(method.get("name", _MISSING), str), file, "extra.method.name", method.get("name", _MISSING),
+                "a string")
 
 
 def check_base(config: dict, model: nn.Module, path) -> None:
-    saved, current = config.get("base_model", {}), base_identity(model)
+    saved = config.get("base_model", {})
+    current = _identity(model, "load the adapter onto a transformers model, or pass check_base_model=False")
     if saved.get("fingerprint") != current["fingerprint"]:
         raise AdapterFileError(
             f"adapter {path} was trained on base model {saved.get('name')!r} ({saved.get('model_type')}, "
@@ -216,15 +294,16 @@ def check_base(config: dict, model: nn.Module, path) -> None:
 
 def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = None,
                  check_base_model: bool = True) -> dict:
-    """Load adapters from ``path`` into ``model`` (in place); returns the file's config, with the
-    extra tensors under ``config["extra_tensors"]``. On any error the model is left unchanged."""
+    """Load adapters ``names`` (default: all; one string is one name) from ``path`` into ``model`` (in place);
+    returns the file's config, with the extra tensors under ``config["extra_tensors"]``. On any error the model
+    is left unchanged."""
     path = Path(path)
     config = read_adapter_config(path)
     if check_base_model:
         check_base(config, model, path)
     tensors = _read_tensors(path / WEIGHTS_FILE)
     extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-    wanted = list(config["adapters"]) if names is None else list(names)
+    wanted = list(config["adapters"]) if names is None else list(as_names(names))
     missing_names = [n for n in wanted if n not in config["adapters"]]
     if missing_names:
         raise AdapterFileError(f"{path} has no adapter named {missing_names}: it has {list(config['adapters'])}")
@@ -294,15 +373,17 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_model_name: str | None = None,
-                as_lora: bool = False) -> Path:
-    """Write adapter ``name`` in PEFT's format, loadable by ``PeftModel.from_pretrained``.
+                as_lora: bool = False, overwrite: bool = False) -> Path:
+    """Write adapter ``name`` in PEFT's format, loadable by ``PeftModel.from_pretrained``, as directory ``path``:
+    one that already holds files is replaced (whole, once the export is complete) only with ``overwrite``.
 
     Each method that PEFT has with the same parameterisation (LoRA, VeRA, OFT) supplies its config
     fields and tensor names (``Adapter.peft_config``/``peft_tensors``); the rest is shared here.
     With ``as_lora``, a method whose merged update is exactly low-rank (ETHER, ETHER+, VeRA) is written
     as the equivalent PEFT LoRA, ΔW = B·A with scaling 1, so any LoRA runtime can serve it.
     """
-    path = check_output_dir(path)
+    path = Path(path)
+    refuse_existing(path, overwrite)
     refuse_method(model, "exported to PEFT")
     layers = [(ln, layer) for ln, layer in adapter_layers(model) if name in layer.adapters]
     if not layers:
@@ -332,9 +413,9 @@ def export_peft(model: nn.Module, path: str | Path, name: str = "default", base_
         "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": base_model_name or base_identity(model)["name"],
     }
-    path.mkdir(parents=True, exist_ok=True)
-    _atomic_save_tensors(path / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
-    _atomic_write_json(path / PEFT_CONFIG_FILE, peft_config)
+    with _replacing(path) as new:
+        _atomic_save_tensors(new / PEFT_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        _atomic_write_json(new / PEFT_CONFIG_FILE, peft_config)
     return path
 
 
@@ -359,12 +440,24 @@ def _exact_lora(layers, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
 _PEFT_UNSUPPORTED = ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform", "trainable_token_indices")
 
 
+def read_peft_config(path: str | Path) -> dict:
+    """The ``adapter_config.json`` of PEFT adapter directory ``path``, with the fields peftlab reads before
+    translating it (its type and base model) checked for their JSON types."""
+    file = Path(path) / PEFT_CONFIG_FILE
+    config = _read_json(file, "peft")
+    _expect(isinstance(config.get("peft_type"), str), file, "peft_type", config.get("peft_type", _MISSING),
+            "a string", kind="PEFT")
+    _expect(isinstance(config.get("base_model_name_or_path"), (str, type(None))), file, "base_model_name_or_path",
+            config.get("base_model_name_or_path"), "a string", kind="PEFT")
+    return config
+
+
 def import_peft(model: nn.Module, path: str | Path, name: str = "default") -> AdapterConfig:
     """Load a PEFT adapter directory (LoRA, VeRA or OFT: the methods PEFT has with our
     parameterisation) into ``model`` as adapter ``name``; its config, translated, is returned."""
     path = Path(path)
-    peft_config = _read_json(path / PEFT_CONFIG_FILE, "peft")
-    peft_type = peft_config.get("peft_type")
+    peft_config = read_peft_config(path)
+    peft_type = peft_config["peft_type"]
     try:
         adapter_class = peft_method_class(peft_type)
     except AdapterConfigError as err:
@@ -438,17 +531,12 @@ def save_merged(model: nn.Module, tokenizer, path: str | Path, overwrite: bool =
     unwrap(model, merge_active=True)
     if hasattr(model.config, "peftlab_base_name"):
         del model.config.peftlab_base_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    try:
-        model.save_pretrained(tmp)
+    with _replacing(path) as new:
+        model.save_pretrained(new)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(new)
+        for weights in new.glob("*.safetensors"):  # safetensors makes them 0600: give them the mode of the config
+            weights.chmod(stat.S_IMODE((new / "config.json").stat().st_mode))  # file Python wrote beside them
     return path
 
 
@@ -465,9 +553,7 @@ def load_adapted(adapter: str | Path | None = None, model_name: str | None = Non
         if model_name is None and (adapter / CONFIG_FILE).is_file():
             model_name = read_adapter_config(adapter)["base_model"].get("name")
         elif model_name is None and (adapter / PEFT_CONFIG_FILE).is_file():
-            model_name = _read_json(adapter / PEFT_CONFIG_FILE, "PEFT config").get("base_model_name_or_path")
-            _expect(isinstance(model_name, (str, type(None))), adapter / PEFT_CONFIG_FILE, "base_model_name_or_path",
-                    model_name, "a string", kind="PEFT")
+            model_name = read_peft_config(adapter).get("base_model_name_or_path")
     model_name = model_name or EMBEDDED_MODEL
     model, tokenizer = load_model(model_name, dtype=dtype), load_tokenizer(model_name, padding_side=padding_side)
     if adapter is not None:

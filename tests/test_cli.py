@@ -86,6 +86,18 @@ def test_merge_and_export(run_dir, model_dir, tmp_path):
     with torch.no_grad():
         assert (merged(tokens).logits - adapted(tokens).logits).abs().max() <= 1e-5
     assert (tmp_path / "p" / "adapter_config.json").is_file()
+    # export --overwrite replaces the directory (here the merged checkpoint), it does not add files to it
+    assert main(["export", "--adapter", str(run_dir), "--model", str(model_dir), "--output", str(tmp_path / "m"),
+                 "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_info_describes_a_peft_directory(run_dir, model_dir, tmp_path, capsys):
+    assert main(["export", "--adapter", str(run_dir), "--model", str(model_dir), "--output", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    assert main(["info", "--adapter", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"PEFT LORA adapter {tmp_path / 'p'}") and "parameters" in out
 
 
 def test_info(run_dir, model_dir, capsys):

@@ -59,12 +59,12 @@ class AdapterConfig:
     sibo_targets: str | tuple[str, ...] = FFN_INPUT
 
     def __post_init__(self):
+        object.__setattr__(self, "target_modules", _module_names("target_modules", self.target_modules, split=False))
+        object.__setattr__(self, "exclude_modules", _module_names("exclude_modules", self.exclude_modules, split=True))
+        if self.sibo_targets != FFN_INPUT:
+            object.__setattr__(self, "sibo_targets", _module_names("sibo_targets", self.sibo_targets, split=True))
+        self._check_field_types()
         targets = self.target_modules
-        if isinstance(targets, list):
-            object.__setattr__(self, "target_modules", tuple(targets))
-        for name in ("exclude_modules", "sibo_targets"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
         if isinstance(targets, str) and targets != ALL_LINEAR:
             try:
                 re.compile(targets)
@@ -76,9 +76,21 @@ class AdapterConfig:
         lam = self.sibo_lambda
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
             raise AdapterConfigError(f"sibo_lambda must be in [0, 1] (0 turns SIBO off), got {lam!r}")
-        if isinstance(self.sibo_targets, str) and self.sibo_targets != FFN_INPUT:
-            object.__setattr__(self, "sibo_targets", tuple(t for t in self.sibo_targets.split(",") if t))
         self.validate()
+
+    def _check_field_types(self) -> None:
+        """Every method's flags and choices, by their default: a field whose default is a bool takes only a bool
+        (``use_rslora="no"`` is truthy, and would turn the option on), and one whose default is a string takes
+        only a string, so that ``validate`` can look it up among the method's choices (a list is unhashable)."""
+        for field in dataclasses.fields(self):
+            if field.name in _MODULE_NAME_FIELDS:  # checked by _module_names
+                continue
+            value = getattr(self, field.name)
+            if isinstance(field.default, bool) and not isinstance(value, bool):
+                raise AdapterConfigError(f"{self.method} {field.name} must be true or false, got {value!r}")
+            if isinstance(field.default, str) and not isinstance(value, str):
+                raise AdapterConfigError(f"{self.method} {field.name} must be a string such as {field.default!r} "
+                                         f"(its default), got {value!r}")
 
     def bind(self, shapes: dict[str, tuple[int, int]]) -> "AdapterConfig":
         """The config to use on a model whose targeted layers have ``shapes`` ({name: (in, out)}).
@@ -110,6 +122,23 @@ class AdapterConfig:
 
     def replace(self, **changes) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
+
+
+_MODULE_NAME_FIELDS = ("target_modules", "exclude_modules", "sibo_targets")
+
+
+def _module_names(field: str, value, split: bool) -> str | tuple[str, ...]:
+    """A field naming modules, as the config keeps it: a list (from JSON) or tuple of names becomes a tuple; a
+    string is split at commas where it can only be names (``split``: exclude_modules, sibo_targets) and kept
+    for target_modules, where it is a regular expression or "all-linear". Anything else is refused here, not
+    met as a TypeError when add_adapter matches the names."""
+    if isinstance(value, str):
+        return tuple(n.strip() for n in value.split(",") if n.strip()) if split else value
+    if isinstance(value, (list, tuple)) and all(isinstance(n, str) and n for n in value):
+        return tuple(value)
+    forms = "a comma-separated string of them" if split else "a regular expression or 'all-linear'"
+    raise AdapterConfigError(f"{field} must be a list of module names like ['q_proj', 'v_proj'] or {forms}, "
+                             f"got {value!r}")
 
 
 def positive(config: AdapterConfig, name: str, kind: type = int) -> None:
@@ -537,19 +566,24 @@ def _registered() -> dict[str, type[Adapter]]:
 def peft_method_class(peft_type) -> type[Adapter]:
     """The method a PEFT adapter of type ``peft_type`` imports as."""
     known = {c.peft_type: c for c in _registered().values() if c.peft_type}
-    if peft_type not in known:
+    if not isinstance(peft_type, str) or peft_type not in known:  # a list would be unhashable
         raise AdapterConfigError(f"PEFT {peft_type} adapters do not import: only {', '.join(sorted(known))} do; "
                                  "convert it with PEFT or train it with peftlab")
     return known[peft_type]
 
 
 def method_class(method: str) -> type[Adapter]:
+    if not isinstance(method, str):  # checked first: a list is unhashable
+        raise AdapterConfigError(f"adapter method must be a string such as 'lora', got {method!r}: choose one of "
+                                 f"{sorted(_registered())}")
     if method not in _registered():
         raise AdapterConfigError(f"unknown adapter method {method!r}: choose one of {sorted(METHODS)}")
     return METHODS[method]
 
 
 def config_from_dict(values: dict) -> AdapterConfig:
+    if not isinstance(values, dict):
+        raise AdapterConfigError(f"an adapter config must be a dict like {{'method': 'lora', 'r': 8}}, got {values!r}")
     if "method" not in values:
         raise AdapterConfigError("adapter config has no 'method' field: the file is not a peftlab adapter config")
     return method_class(values["method"]).config_class.from_dict(values)
