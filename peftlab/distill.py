@@ -14,9 +14,11 @@ so a drafter learns to predict the end. One JSON line per prompt:
 Prompts are decoded in batches of similar length with left padding, so a batch's numerics differ
 from batch-1 decoding only by reduction order (a near-tie may rarely flip in float32; pass
 ``batch_size=1`` for bit-exact batch-1 greedy). Lines are appended batch by batch, so an interrupted
-run continues with ``resume=True`` where it stopped. ``overwrite=True`` writes a temporary file beside
-the old one and replaces it only once every answer is written: bad input (an unknown template, an
-unreadable prompt) or a failure part-way leaves the old file as it was.
+run continues with ``resume=True`` where it stopped; resuming refuses a file whose records hold other
+prompts or prompt ids (another prompt set, template or tokenizer) than this run gives the same ids
+(another model with the same tokenizer is not told apart). ``overwrite=True`` writes a temporary file
+beside the old one and replaces it only once every answer is written: bad input (an unknown template,
+an unreadable prompt) or a failure part-way leaves the old file as it was.
 """
 from __future__ import annotations
 
@@ -79,17 +81,36 @@ def refuse_existing(output: Path, resume: bool, overwrite: bool) -> None:
                               "or choose another --output")
 
 
-def _done_ids(path: Path) -> set[int]:
-    done = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+def _done_records(path: Path) -> dict[int, dict]:
+    """The records already in the file being resumed, by id."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}), so not a distillation file to resume: pass "
+                        "--overwrite to start again or choose another --output") from None
+    done = {}
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            done.add(int(json.loads(line)["id"]))
-        except (ValueError, KeyError, TypeError):
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not _is_id(record.get("id")):
             raise DataError(f"{path} line {number} is not a distillation record: pass --overwrite to start again "
-                            "or choose another --output") from None
+                            "or choose another --output")
+        done[record["id"]] = record
     return done
+
+
+def _check_resumed(path: Path, done: dict[int, dict], prompts: Sequence[str], encoded: list[list[int]]) -> None:
+    """Resuming appends to ``path``: its records must hold the prompts, and the prompt ids, that this run
+    gives the same ids; otherwise the file would mix two distillations."""
+    for i, record in sorted(done.items()):
+        if i < len(prompts) and (record.get("prompt") != prompts[i] or record.get("prompt_ids") != encoded[i]):
+            what = "prompt" if record.get("prompt") != prompts[i] else "prompt ids"
+            raise DataError(f"{path} was written for other prompts, template or tokenizer (record {i} has another "
+                            f"{what}): pass --overwrite or another --output")
 
 
 @torch.no_grad()
@@ -123,13 +144,14 @@ def distill(model, tokenizer, prompts: Sequence[str], output: str | Path, templa
     output = Path(output)
     refuse_existing(output, resume, overwrite)
     resume = resume and output.exists()
-    done = _done_ids(output) if resume else set()
+    done = _done_records(output) if resume else {}
     eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
     # Everything that can refuse the input (the template, a prompt the tokenizer cannot take) runs before
     # the output is opened.
     encoded = encode_prompts(tokenizer, prompts, template)
+    _check_resumed(output, done, prompts, encoded)
     todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: len(encoded[i]))
     output.parent.mkdir(parents=True, exist_ok=True)
     replacing = output.exists() and not resume  # --overwrite: the old file stays until the new one is complete

@@ -14,7 +14,8 @@ What it does, per optimizer step:
      log, evaluate and checkpoint when due.
 
 Checkpoints are atomic directories of safetensors + JSON (trainable tensors, optimizer state, RNG
-states, step); ``resume=True`` continues from the latest one and reproduces an uninterrupted run.
+states, step, the base model's identity); ``resume=True`` continues from the latest one and reproduces an
+uninterrupted run, and refuses one made on another base model.
 Methods change the loss or the parameter groups by passing an ``Objective`` (BLoB adds a KL term
 and a second optimizer, Bitune runs two prompt passes): the loop itself has no method-specific code.
 """
@@ -392,10 +393,11 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
 
     optimizers = build_optimizers(objective.param_groups(model, config), config)
     named_trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    base = _base_identity(model)
     start_step, history = 0, []
     checkpoint = latest_checkpoint(output_dir) if resume else None
-    if checkpoint is not None:
-        start_step, history = _load_checkpoint(checkpoint, named_trainable, optimizers, rank)
+    if checkpoint is not None:  # before run.json and metrics.jsonl are rewritten: a refusal changes nothing
+        start_step, history = _load_checkpoint(checkpoint, named_trainable, optimizers, rank, base)
     elif resume:
         accelerator.print(f"no checkpoint in {output_dir}/checkpoints: starting from step 0")
     wrapped, *optimizers = accelerator.prepare(model, *optimizers)
@@ -475,7 +477,7 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
             model.train()
         if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == end_step) \
                 or (stop_after_steps is not None and step + 1 == end_step < total_steps):
-            _save_checkpoint(output_dir, step + 1, named_trainable, optimizers, history, config, accelerator)
+            _save_checkpoint(output_dir, step + 1, named_trainable, optimizers, history, config, accelerator, base)
     bar.close()
     model.eval()
 
@@ -537,7 +539,19 @@ def _step_optimizers(optimizers, step_loss: Callable[[], torch.Tensor | None]) -
     return extra
 
 
-def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizers, history, config, accelerator) -> None:
+def _base_identity(model: nn.Module) -> dict | None:
+    """``models.base_identity`` of the model being trained (None for a model without a config or input
+    embeddings, which then resumes unchecked)."""
+    from peftlab.models import base_identity
+
+    try:
+        return base_identity(model)
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizers, history, config, accelerator,
+                     base: dict | None = None) -> None:
     """Write checkpoints/step-N atomically: into a hidden directory first, renamed when complete."""
     root = output_dir / "checkpoints"
     final, tmp = root / f"step-{step:06d}", root / f".step-{step:06d}.tmp"
@@ -554,7 +568,7 @@ def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizers, h
             save_file({k: v.cpu().contiguous() for k, v in opt_tensors.items()}, str(tmp / _optimizer_file(i)))
             metas.append(opt_meta)
         state = {"step": step, "optimizers": metas, "history": history, "train": config.to_dict(),
-                 "world_size": accelerator.num_processes}
+                 "world_size": accelerator.num_processes, "base_model": base}
         (tmp / "state.json").write_text(json.dumps(state, default=str))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -569,15 +583,29 @@ def _optimizer_file(index: int) -> str:
     return "optimizer.safetensors" if index == 0 else f"optimizer-{index}.safetensors"
 
 
-def _load_checkpoint(path: Path, named_trainable, optimizers, rank: int) -> tuple[int, list[dict]]:
+def _load_checkpoint(path: Path, named_trainable, optimizers, rank: int,
+                     base: dict | None = None) -> tuple[int, list[dict]]:
+    """Restore the checkpoint in ``path`` into the trainable parameters and ``optimizers``; (step, history).
+    One made on another base model than ``base`` (``models.base_identity``) is refused before anything
+    changes; one without a recorded base (older peftlab) is resumed unchecked."""
     try:
         state = json.loads((path / "state.json").read_text())
+        saved = state.get("base_model") or {}
+        if not isinstance(saved, dict):
+            raise TypeError(f"base_model is {type(saved).__name__}, not an object")
         tensors = load_file(str(path / "trainable.safetensors"))
         step, history = int(state["step"]), list(state["history"])
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # a write cut short, or edited by hand
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as err:  # cut short, or edited
         reason = " ".join(str(err).split())[:120] or type(err).__name__
         raise TrainConfigError(f"checkpoint {path} is damaged ({reason}): delete that folder to resume from the one "
                                "before it, or pass --overwrite to start anew") from None
+    if base is not None and saved.get("fingerprint") not in (None, base["fingerprint"]):
+        made_on, uses = repr(saved.get("name")), repr(base["name"])
+        if made_on == uses:  # the same name, other weights: the fingerprints tell them apart
+            made_on += f" (fingerprint {saved['fingerprint']})"
+            uses += f" (fingerprint {base['fingerprint']})"
+        raise TrainConfigError(f"checkpoint {path} was made on base model {made_on}, this run uses {uses}: resume "
+                               f"with --model {saved.get('name')} or pass --overwrite (without --resume) to start anew")
     names = [n for n, _ in named_trainable]
     if sorted(tensors) != sorted(names):
         raise TrainConfigError(f"checkpoint {path} holds other trainable tensors than this model "

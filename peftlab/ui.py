@@ -10,13 +10,16 @@ probabilities of a multiple-choice question with their spread over sampled passe
 into a one-line message on the page; the full traceback of an unexpected one goes to the console.
 
 The server binds to the loopback interface unless ``--allow-remote`` is given, and loads adapters
-from safetensors + JSON only (``peftlab.io`` never unpickles).
+from safetensors + JSON only (``peftlab.io`` never unpickles). The address (a port from 1 to 65535,
+free; a host that resolves to this machine) is checked before any model loads.
 """
 from __future__ import annotations
 
+import errno
 import io
 import ipaddress
 import os
+import socket
 import sys
 import traceback
 
@@ -45,6 +48,32 @@ def check_host(host: str, allow_remote: bool) -> None:
     if not is_loopback(host) and not allow_remote:
         raise UiError(f"--host {host} would serve the page to other machines (it runs models and reads local "
                       "run directories): keep the default 127.0.0.1, or add --allow-remote if you mean it")
+
+
+def check_address(host: str, port: int | None) -> None:
+    """Refuse a port outside 1–65535, a host that does not resolve, or an address this machine cannot
+    serve on (a busy port, another machine's address), by binding it once: before any model loads."""
+    if port is not None and not 1 <= port <= 65535:
+        raise UiError(f"--port {port} is not a TCP port: give one from 1 to 65535, or leave --port out to take "
+                      "the first free one from 7860")
+    name = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # [::1], as Gradio takes it
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(name, port or 0, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as err:
+        raise UiError(f"--host {host} does not resolve to an address ({getattr(err, 'strerror', None) or err}): "
+                      "give an address or name of this machine, e.g. the default 127.0.0.1") from None
+    with socket.socket(family, kind, proto) as probe:  # no --port: port 0, which tests the host only
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise UiError(f"port {port} on {host} is already in use: choose another --port, or leave --port "
+                              "out to take the first free one from 7860") from None
+            where = f"{host} port {port}" if port else host
+            fix = " and a port you may use (above 1023 unless root)" if port else ""
+            raise UiError(f"cannot serve on {where} ({err.strerror or err}): give an address of this machine as "
+                          f"--host{fix}") from None
 
 
 def readable(err: BaseException) -> str:
@@ -334,9 +363,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """``peftlab ui``: check the address, load the models, serve until interrupted."""
-    from peftlab.io import CONFIG_FILE, read_adapter_config
-
     check_host(args.host, args.allow_remote)
+    check_address(args.host, args.port)
     _gradio()
     if len(args.adapter) > MAX_COLUMNS - 1:
         raise UiError(f"{len(args.adapter)} adapters given; the page shows at most {MAX_COLUMNS - 1} beside the "
@@ -344,16 +372,19 @@ def run(args) -> int:
     from peftlab.workbench import check_adapter_dir
 
     paths = [check_adapter_dir(path) for path in args.adapter]  # refuse before loading any model
-    base = args.base
-    if base is None and paths and (paths[0] / CONFIG_FILE).is_file():
-        base = read_adapter_config(paths[0])["base_model"].get("name")
-    bench = Workbench(base, dtype=args.dtype)
-    for path in paths:
+    # The first adapter's base (peftlab or PEFT file) when --base is not given, as `peftlab generate` finds it.
+    bench = Workbench(args.base, dtype=args.dtype, adapter=paths[0] if paths else None)
+    for path in paths[1:]:
         bench.add(path)
     page = build(bench)
     page.queue(default_concurrency_limit=1)  # one model computation at a time: timings stay honest
-    page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, share=False,
-                inbrowser=False, quiet=True, show_error=False, theme=theme(), ssr_mode=False, mcp_server=False)
+    try:
+        page.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, share=False,
+                    inbrowser=False, quiet=True, show_error=False, theme=theme(), ssr_mode=False, mcp_server=False)
+    except OSError as err:  # taken since check_address, or no free port from 7860 to 7959
+        where = f"port {args.port}" if args.port else "any port from 7860 to 7959"
+        raise UiError(f"cannot serve on {args.host} {where} ({' '.join(str(err).split())[:100]}): choose a free "
+                      "--port") from None
     print(f"peftlab ui: serving {page.local_url} (base {bench.base_name}, {len(bench.labels) - 1} adapter(s)); "
           "Ctrl-C stops", flush=True)
     try:

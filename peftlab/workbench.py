@@ -138,13 +138,25 @@ def check_adapter_dir(path: str | Path) -> Path:
 class Workbench:
     """A base model and adapted copies of it, loaded once and asked many times."""
 
-    def __init__(self, base: str | None = None, dtype: str | torch.dtype = torch.float32):
+    def __init__(self, base: str | None = None, dtype: str | torch.dtype = torch.float32,
+                 adapter: str | Path | None = None):
+        """The base model ``base``, and ``adapter`` (a run or PEFT directory) on a copy of it if given. With
+        no ``base``, the base is the model ``adapter`` names, found as `peftlab generate` finds it
+        (``io.load_adapted``), else the embedded default."""
+        from peftlab.io import load_adapted
         from peftlab.models import EMBEDDED_MODEL, load_model, load_tokenizer
 
+        adapted = None
+        if adapter is not None:
+            adapter = check_adapter_dir(adapter)
+            adapted, _ = load_adapted(adapter, base, padding_side="left", dtype=dtype)
+            base = base or adapted.config.peftlab_base_name
         self.base_name = base or EMBEDDED_MODEL
         base_model = load_model(self.base_name, dtype=dtype).eval()
         self.tokenizer = load_tokenizer(self.base_name, padding_side="left")
         self.entries: dict[str, Entry] = {BASE: Entry(BASE, base_model, ())}
+        if adapted is not None:
+            self._enter(adapter, adapted)
 
     @property
     def base(self) -> torch.nn.Module:
@@ -170,6 +182,9 @@ class Workbench:
             load_adapter(model, path)  # checks the base model's fingerprint
         else:
             import_peft(model, path)
+        return self._enter(path, model, label)
+
+    def _enter(self, path: Path, model: torch.nn.Module, label: str | None = None) -> Entry:
         label = label or "/".join(path.resolve().parts[-2:])  # "runs/demo", "bita/gsm8k": short and telling
         while label in self.entries:
             label += "'"

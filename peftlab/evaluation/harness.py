@@ -16,6 +16,8 @@ lazily. In Python, importing this module registers it too::
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
@@ -28,8 +30,7 @@ class PeftlabLM(HFLM):
     def __init__(self, base: str | None = None, adapter: str | None = None, dtype: str = "float32",
                  device: str | None = None, **kwargs):
         model, tokenizer = load_adapted(adapter, base, padding_side="left", dtype=dtype)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device).eval()
+        model.to(_device(device)).eval()
         for unused in ("pretrained", "tokenizer", "peft", "delta"):  # the model is built here, not by HFLM
             if kwargs.pop(unused, None) is not None:
                 raise ValueError(f"model_args {unused}= is not used by --model peftlab: give base= and adapter=")
@@ -51,6 +52,19 @@ class PeftlabLM(HFLM):
         for (key, _, _), answer in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, answer)
         return results
+
+
+def _device(requested: str | None) -> str:
+    """The device to evaluate on: ``requested``, but the CPU (with a warning) for a CUDA device on a machine
+    without CUDA, as lm-eval's ``hf`` model does (its command line asks for cuda:0 unless --device is given)."""
+    if requested and not str(requested).startswith("cuda"):
+        return requested
+    if torch.cuda.is_available():
+        return requested or "cuda"
+    if requested:
+        print(f"peftlab: warning: device {requested} (lm-eval's default without --device) needs CUDA, which is not "
+              "available: evaluating on the CPU (pass --device cpu to say so)", file=sys.stderr)
+    return "cpu"
 
 
 def _int_or(value, default: int) -> int:

@@ -373,6 +373,18 @@ class Decoded:
         return len(self.tokens) / max(1, self.forwards)
 
 
+def check_tree(widths: Sequence[int], bita: Bita, vocab_size: int) -> None:
+    """Refuse a draft tree BiTA cannot build: 1 to M levels (one per trained mask token), each of 1 to
+    ``vocab_size`` drafts (a level holds the top-w tokens of the vocabulary)."""
+    M, text = bita.config.mask_tokens, ",".join(map(str, widths))
+    if not widths or len(widths) > M or min(widths) < 1:
+        raise BitaError(f"the draft tree {text!r} must have 1 to {M} levels (the mask tokens trained), "
+                        f"each of width >= 1: e.g. {','.join(['1'] * M)}")
+    if max(widths) > vocab_size:
+        raise BitaError(f"the draft tree {text!r} has a level of {max(widths)} drafts, more than the {vocab_size} "
+                        f"tokens of the vocabulary: use widths of at most {vocab_size}, e.g. {','.join(['1'] * M)}")
+
+
 def _keep(cache, length: int, rows: list[int]) -> None:
     """Cut every layer of ``cache`` to its first ``length`` entries plus this step's ``rows``."""
     for layer in cache.layers:
@@ -409,15 +421,12 @@ def bita_generate(model, input_ids, max_new_tokens: int = 256, tree: Sequence[in
                         f"{max_new_tokens})")
     device = next(model.parameters()).device
     widths = tuple(tree) if tree is not None else (GPU_TREE if device.type == "cuda" else CPU_TREE)
-    M = bita.config.mask_tokens
-    if not widths or len(widths) > M or min(widths) < 1:
-        raise BitaError(f"the draft tree {widths} must have 1 to {M} levels (the mask tokens trained), "
-                        f"each of width >= 1: e.g. {(1,) * M}")
+    head = model.get_output_embeddings()
+    check_tree(widths, bita, head.weight.shape[0])
     layout = TreeLayout.build(widths)
     D, P, eos = len(widths), bita.config.prompt_tokens, _eos_ids(model, eos_token_id)
     was_training = bita.training
     bita.eval()
-    head = model.get_output_embeddings()
     started = time.perf_counter()
     out = Decoded(tokens=[])
 
