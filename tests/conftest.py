@@ -24,13 +24,23 @@ def tokenizer():
     return tiny_tokenizer()
 
 
+def _saved_tiny(tmp_path_factory, seed: int) -> Path:
+    path = tmp_path_factory.mktemp(f"tiny-model-{seed}")
+    tiny_model(seed=seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """The tiny model and tokenizer saved as a local checkpoint, for commands that take a model path."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    tiny_model(seed=0).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return _saved_tiny(tmp_path_factory, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory):
+    """Another base: the same architecture and tokenizer as ``model_dir``, other weights (seed 1)."""
+    return _saved_tiny(tmp_path_factory, seed=1)
 
 
 @pytest.fixture

@@ -9,16 +9,6 @@ import pytest
 
 from conftest import fail, snapshot
 from peftlab.cli import main
-from peftlab.models import tiny_model, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def other_model_dir(tmp_path_factory):
-    """A tiny model with other weights (seed 1) than ``model_dir``'s, the same tokenizer."""
-    path = tmp_path_factory.mktemp("other-model")
-    tiny_model(seed=1).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 # -- train --resume ---------------------------------------------------------------------------------------

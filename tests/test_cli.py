@@ -213,11 +213,8 @@ def test_chat_with_standard_input_closed(model_dir):
     assert "standard input, which is closed" in result.stderr
 
 
-def test_adapter_from_another_base(run_dir, tmp_path, capsys):
-    other = tmp_path / "other"
-    tiny_model(seed=1).save_pretrained(other)
-    tiny_tokenizer().save_pretrained(other)
-    line = fail(capsys, ["generate", "--adapter", str(run_dir), "--model", str(other), "--prompt", "hi"])
+def test_adapter_from_another_base(run_dir, other_model_dir, capsys):
+    line = fail(capsys, ["generate", "--adapter", str(run_dir), "--model", str(other_model_dir), "--prompt", "hi"])
     assert "was trained on base model" in line
 
 
