@@ -118,7 +118,11 @@ def add_train_parser(sub) -> None:
 
     for name, (field, methods) in _method_fields().items():
         owners = "all methods" if len(methods) == len(METHODS) else "/".join(methods)
-        a(f"--{name.replace('_', '-')}", type=_field_type(field), help=f"{owners}: {name} (default {field.default})")
+        defaults = {m: next(f.default for f in dataclasses.fields(METHODS[m].config_class) if f.name == name)
+                    for m in methods}
+        default = field.default if len(set(map(repr, defaults.values()))) == 1 else \
+            ", ".join(f"{m} {d}" for m, d in defaults.items())  # methods differ: vera's r is 256, lora's 8
+        a(f"--{name.replace('_', '-')}", type=_field_type(field), help=f"{owners}: {name} (default {default})")
     a("--bitune", action="store_true", default=None,
       help="Bitune: read the prompt twice (causal and bidirectional, one adapter each) and mix the two KV caches")
     a("--bitune-mixing", help="Bitune: abs (the paper's variant 607, default) or relu (its simplified 801)")

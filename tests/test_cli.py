@@ -486,3 +486,10 @@ def test_bitune_bad_flags(model_dir, tmp_path, capsys):
     assert "remove --train-on-prompt" in fail(capsys, common + ["--bitune", "--train-on-prompt"])
     assert "mixing must be one of" in fail(capsys, common + ["--bitune", "--bitune-mixing", "sigmoid"])
     assert not (tmp_path / "r").exists()
+
+
+def test_train_help_gives_each_method_its_own_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "r (default blob 8, lora 8, vera 256)" in text and "eps (default blob 0.05, oft 6e-05)" in text
