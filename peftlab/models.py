@@ -91,6 +91,11 @@ def resolve(name: str) -> ModelSource:
         return ModelSource(name=str(path), kind="dir", local_dir=str(path))
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"model path {name!r} is neither a checkpoint directory nor a .gguf file")
+    # A hub id is "org/name"; "runs/typo" beside a local runs/ folder, or a deeper path, is a local path that
+    # does not exist: said now, not after the hub's retries (tens of seconds offline).
+    parts = Path(name).parts
+    if len(parts) > 2 or len(parts) == 2 and Path(parts[0]).is_dir():
+        raise ModelLoadError(f"model path {name!r} does not exist: check the path (a hub id looks like org/name)")
     return ModelSource(name=name, kind="hub", local_dir=name)
 
 

@@ -248,3 +248,13 @@ def test_generate_refuses_one_string_as_prompts(tiny, tokenizer):
     """A string is a sequence of characters: it would silently become one prompt per character."""
     with pytest.raises(GenerationError, match=r"got one string: pass \[prompt\]"):
         generate(tiny, tokenizer, "hi", max_new_tokens=2)
+
+
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """Offline, a hub lookup retries for tens of seconds before failing; a path that is plainly local fails now."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("runs/typo", "a/b/c"):
+        with pytest.raises(ModelLoadError, match="does not exist: check the path"):
+            resolve(name)
+    assert resolve("HuggingFaceTB/SmolLM2-135M").kind == "hub"  # org/name, no such local folder: a hub id
