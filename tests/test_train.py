@@ -171,11 +171,13 @@ import resource, torch
 from peftlab.train import reuse_freed_memory
 kept = reuse_freed_memory()
 x, w = torch.randn(512, 64), torch.randn(32768, 64)
-for _ in range(12):
+faults = []
+for _ in range(40):  # the heap settles in the first few (up to about a dozen) reallocations
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = x @ w.t()
     del y
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults[-20:])
 """
 
 
@@ -184,14 +186,14 @@ def test_freed_memory_is_reused_on_cpu():
     def faults(env):
         out = subprocess.run([sys.executable, "-c", REALLOCATION_FAULTS], env={**os.environ, **env},
                              capture_output=True, text=True, check=True).stdout.split()
-        return out[0] == "True", int(out[1])
+        return out[0] == "True", sorted(map(int, out[1:]))  # the faults of the last 20 reallocations
 
     kept, reused = faults({})
     if not kept:
         pytest.skip("the C library is not glibc: its allocator is left alone")
-    assert reused < 1000  # the freed block serves again: no fresh pages
+    assert reused[-1] < 1000  # once settled, the freed block serves every time: no fresh pages
     kept, fresh = faults({"PEFTLAB_MALLOC": "default"})
-    assert not kept and fresh > 16_000  # 64 MiB of fresh 4 KiB pages (fewer only with huge pages)
+    assert not kept and fresh[10] > 16_000  # 64 MiB of fresh 4 KiB pages each time (fewer only with huge pages)
 
 
 def test_unknown_malloc_setting_is_an_error_before_an_old_run_is_removed(monkeypatch, tmp_path):
