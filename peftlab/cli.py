@@ -398,15 +398,8 @@ def add_generation_flags(p) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when temperature > 0")
 
 
-def _check_template_name(name: str, allowed=("none",)) -> None:
-    """A prompt template's name, checked before a model loads (the chat template itself needs the tokenizer)."""
-    from peftlab.data import TEMPLATES
-
-    if name not in (*TEMPLATES, *allowed):
-        raise CliError(f"unknown prompt template {name!r}: choose one of {', '.join((*TEMPLATES, *allowed))}")
-
-
 def cmd_generate(args) -> int:
+    from peftlab.data import check_template_name
     from peftlab.generate import check_options, check_output_file, generate
     from peftlab.methods.bita import parse_tree
 
@@ -423,7 +416,7 @@ def cmd_generate(args) -> int:
                        "(a run of `peftlab train --method bita`)")
     tree = parse_tree(args.tree)
     check_options(args.max_new_tokens, args.temperature, args.top_p, args.batch_size)  # before the model loads
-    _check_template_name(args.template)
+    check_template_name(args.template, extra=("none",))
     if args.output:
         check_output_file(args.output)  # a bad path must not throw the generated text away at the end
         if args.prompts and Path(args.output).resolve() == Path(args.prompts).resolve():
@@ -471,10 +464,11 @@ def cmd_distill(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from peftlab.data import check_template_name
     from peftlab.generate import check_options, stream
 
     check_options(args.max_new_tokens, args.temperature, args.top_p)
-    _check_template_name(args.template)
+    check_template_name(args.template, extra=("none",))
     if sys.stdin is None or sys.stdin.closed:
         raise CliError("chat reads messages from standard input, which is closed: run it in a terminal or pipe "
                        "messages into it")
@@ -521,6 +515,7 @@ def cmd_eval(args) -> int:
     import os
     import time
 
+    from peftlab.data import check_template_name
     from peftlab.evaluation.tasks import check_task, run_task
     from peftlab.io import refuse_existing
 
@@ -538,7 +533,7 @@ def cmd_eval(args) -> int:
     for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:
             raise CliError(f"{flag} must be positive, got {value}: leave it out for the default")
-    _check_template_name(args.template, allowed=())
+    check_template_name(args.template)
     for name in names:  # every name and file is read and checked before the model is loaded
         check_task(name, data, args.limit)
     out = Path(args.output or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")

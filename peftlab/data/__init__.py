@@ -8,12 +8,14 @@ Every bad input raises DataError (a ValueError) with a one-line message that say
 """
 from .batching import IGNORE_INDEX, TokenizedData, collate, tokenize_examples
 from .formats import DataError, Example, check_text, load_examples, parse_record, read_records, write_examples
-from .prompts import TEMPLATES, AlpacaTemplate, ChatTemplate, PlainTemplate, PromptTemplate, get_template
+from .prompts import (TEMPLATES, AlpacaTemplate, ChatTemplate, PlainTemplate, PromptTemplate, check_template_name,
+                      get_template)
 from .tasks import arithmetic_splits, arithmetic_task
 
 __all__ = [
     "DataError", "Example", "check_text", "load_examples", "parse_record", "read_records", "write_examples",
-    "PromptTemplate", "AlpacaTemplate", "ChatTemplate", "PlainTemplate", "TEMPLATES", "get_template",
+    "PromptTemplate", "AlpacaTemplate", "ChatTemplate", "PlainTemplate", "TEMPLATES", "check_template_name",
+    "get_template",
     "TokenizedData", "tokenize_examples", "collate", "IGNORE_INDEX",
     "arithmetic_task", "arithmetic_splits",
 ]

@@ -65,17 +65,23 @@ PromptTemplate = AlpacaTemplate | ChatTemplate | PlainTemplate  # anything with 
 TEMPLATES = ("alpaca", "alpaca-eval", "chat", "plain")
 
 
+def check_template_name(name: str, extra: tuple[str, ...] = ()) -> None:
+    """Refuse a name that is none of TEMPLATES (nor of ``extra``, e.g. a command's "none"); callers check
+    before loading a model, since the chat template itself needs the tokenizer."""
+    if name not in (*TEMPLATES, *extra):
+        raise DataError(f"unknown prompt template {name!r}: choose one of {', '.join((*TEMPLATES, *extra))}")
+
+
 def get_template(name: str, tokenizer=None) -> PromptTemplate:
     """The template called ``name`` (one of TEMPLATES); "chat" needs the tokenizer."""
+    check_template_name(name)
     if name == "alpaca":
         return AlpacaTemplate()
     if name == "alpaca-eval":
         return AlpacaTemplate(name="alpaca-eval", for_eval=True)
     if name == "plain":
         return PlainTemplate()
-    if name == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise DataError("the chat template needs a tokenizer that has one and this one has none: "
-                            "use --template alpaca (or plain)")
-        return ChatTemplate(tokenizer)
-    raise DataError(f"unknown prompt template {name!r}: choose one of {', '.join(TEMPLATES)}")
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):  # "chat"
+        raise DataError("the chat template needs a tokenizer that has one and this one has none: "
+                        "use --template alpaca (or plain)")
+    return ChatTemplate(tokenizer)
