@@ -654,8 +654,8 @@ def cmd_info(args) -> int:
 
     method_class("lora")  # registers every method
     if args.adapter:
-        from peftlab.io import (CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, _read_tensors,
-                                read_adapter_config, read_peft_config)
+        from peftlab.io import (CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PROBE_PREFIX, WEIGHTS_FILE,
+                                _read_tensors, read_adapter_config, read_peft_config)
 
         folder = Path(args.adapter)
         if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / CONFIG_FILE).is_file():  # a PEFT directory
@@ -668,7 +668,8 @@ def cmd_info(args) -> int:
             print(f"  {count:,} parameters")
             return 0
         config = read_adapter_config(args.adapter)
-        count = sum(t.numel() for t in _read_tensors(Path(args.adapter) / WEIGHTS_FILE).values())
+        count = sum(t.numel() for key, t in _read_tensors(Path(args.adapter) / WEIGHTS_FILE).items()
+                    if not key.startswith(PROBE_PREFIX))
         print(f"adapter {args.adapter}")
         print(f"  base model: {config['base_model'].get('name')} ({config['base_model'].get('model_type')}, "
               f"fingerprint {config['base_model'].get('fingerprint')})")

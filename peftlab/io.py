@@ -20,6 +20,7 @@ output directory (with ``overwrite``) only once complete, so a failure leaves th
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -35,12 +36,12 @@ from torch import nn
 
 from peftlab import __version__
 from peftlab.adapters import AdapterConfig, AdapterConfigError, config_from_dict
-from peftlab.adapters.base import peft_method_class
+from peftlab.adapters.base import frozen_weight, peft_method_class
 from peftlab.data.formats import _json_type
 from peftlab.inject import (add_adapter, adapter_layers, adapter_names, adapter_parameters, as_names, remove_adapter,
                             unwrap)
 from peftlab.methods import attached, restore
-from peftlab.models import base_identity
+from peftlab.models import base_fingerprints, base_identity
 
 CONFIG_FILE = "adapter.json"
 WEIGHTS_FILE = "adapter.safetensors"
@@ -193,6 +194,95 @@ def _identity(model: nn.Module, fix: str) -> dict:
     return base_identity(model)
 
 
+# -- the adapted layers' probe: an adapter never loads onto the checkpoint it was merged into -----
+#
+# The base fingerprint hashes the input embeddings, which a merged checkpoint shares with its base: by
+# that alone, an adapter would load onto the checkpoint it was merged into and apply its update twice.
+# So the file also records what the update does to a fixed probe input p of each adapted layer, the
+# template d = (W' − W) p (W' = the merged weight), and c = Σ ⟨W p + b, d⟩ over the adapter's layers.
+# Loading computes
+#
+#     t = Σ ⟨W_now p + b_now, d⟩ − c,
+#
+# 0 on the base and ‖d‖² on the merged checkpoint. It is a matched filter: ‖d‖² adds up over every output
+# of every layer, while rounding noise adds up only as its square root, so an update smaller than
+# bfloat16's rounding of each weight is still told apart from the base loaded in another dtype. The file
+# keeps the noise scale too: the standard deviation of t when every weight and bias is rounded to bfloat16.
+
+PROBE_PREFIX = "probe."  # tensor "probe.<adapter name>": the templates of its layers, in its targets' order
+PROBE_SEED = 1201
+BFLOAT16_ROUNDING = 2.0 ** -8 / 3 ** 0.5  # standard deviation of bfloat16's relative rounding error
+PROBE_TOLERANCE = 10.0  # |t| within this many noise deviations is the base model
+
+
+def _probe_input(width: int, device) -> torch.Tensor:
+    return torch.randn(width, generator=torch.Generator().manual_seed(PROBE_SEED)).to(device)
+
+
+def _frozen_layer(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W, b, W p + b) of a frozen linear layer without merged adapters, in float32 (b = 0 without a bias)."""
+    weight = frozen_weight(module).detach().float()
+    bias = torch.zeros(()) if module.bias is None else module.bias.detach().float()
+    return weight, bias, weight @ _probe_input(weight.shape[1], weight.device) + bias
+
+
+@torch.no_grad()
+def _probe(model: nn.Module, name: str) -> tuple[torch.Tensor, dict] | None:
+    """(template, record) of adapter ``name``; None for an adapter that cannot be merged (nothing to refuse)."""
+    templates, offset, signal, variance = [], 0.0, 0.0, 0.0
+    for _, layer in adapter_layers(model):
+        if name not in layer.adapters:
+            continue
+        adapter = layer.adapters[name]
+        if not adapter.mergeable or adapter.branch_input is not None:  # no merged checkpoint can hold it
+            return None
+        weight, bias, response = _frozen_layer(layer)
+        probe = _probe_input(weight.shape[1], weight.device)
+        template = (adapter.merged_weight(weight) - weight) @ probe
+        d = template.double()
+        offset += float(response.double() @ d)
+        signal += float(d @ d)
+        rounded = weight.square() @ probe.square() + bias.square()  # Σⱼ (Wᵢⱼ pⱼ)² + bᵢ², scaled by the rounding below
+        variance += float(d.square() @ rounded.double()) * BFLOAT16_ROUNDING ** 2
+        templates.append(template)
+    if not templates:
+        return None
+    return torch.cat(templates), {"offset": offset, "signal": signal, "noise": variance ** 0.5}
+
+
+@torch.no_grad()
+def _check_probes(config: dict, tensors: dict[str, torch.Tensor], model: nn.Module, names: list[str],
+                  path: Path) -> None:
+    """Refuse adapters whose probe finds the model's layers holding their update (see above)."""
+    for name in names:
+        record, template = config.get("probes", {}).get(name), tensors.get(PROBE_PREFIX + name)
+        if record is None or template is None:  # saved before probes, or a method with no merged form
+            continue
+        try:
+            responses = [_frozen_layer(model.get_submodule(layer))[2] for layer in config["targets"][name]]
+        except AttributeError:  # a layer the model lacks: adding the adapter reports it
+            continue
+        width = sum(len(r) for r in responses)
+        if template.dim() != 1 or len(template) != width:
+            raise AdapterFileError(f"{path / WEIGHTS_FILE}: tensor {PROBE_PREFIX}{name} has shape "
+                                   f"{tuple(template.shape)}, expected ({width},): the file is damaged; re-save it")
+        t = float(torch.cat(responses).double() @ template.double()) - record["offset"]
+        signal, noise = record["signal"], record["noise"]
+        if abs(t) <= PROBE_TOLERANCE * noise:
+            continue
+        base = config["base_model"].get("name")
+        if abs(t - signal) <= max(0.1 * signal, PROBE_TOLERANCE * noise):
+            raise AdapterFileError(
+                f"adapter {path} ({name}) is already merged into this model: its layers hold the adapter's update "
+                f"({t / signal:.2f}× of it, on a probe input), so loading it would apply it twice; use this model "
+                f"without the adapter, or load the adapter onto {base!r}")
+        raise AdapterFileError(
+            f"adapter {path} ({name}) was trained on {base!r}, whose adapted layers differ from this model's (the "
+            f"embeddings match; on a probe input they differ by {abs(t) / max(noise, 1e-300):.0f}× bfloat16 "
+            f"rounding): this is another fine-tune of it, or a checkpoint with another adapter merged in; load the "
+            f"adapter onto {base!r}")
+
+
 def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = None,
                  extra_tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
     """Save adapters ``names`` (default: all; one string is one name) of ``model`` into directory ``path``."""
@@ -215,11 +305,16 @@ def save_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
         extra_config = {"method": method.describe(), **(extra_config or {})}
     for key, value in (extra_tensors or {}).items():
         tensors[f"extra.{key}"] = value
+    probes = {}
+    for name in names:
+        probe = _probe(model, name)
+        if probe is not None:
+            tensors[PROBE_PREFIX + name], probes[name] = probe
     active = next((list(layer.active) for _, layer in adapter_layers(model)), [])
     config = {"format": FORMAT, "peftlab_version": __version__, "adapters": configs,
               "active": [n for n in active if n in names], "base_model": identity,
               "targets": {name: [ln for ln, layer in adapter_layers(model) if name in layer.adapters] for name in names},
-              "extra": extra_config or {}}
+              "extra": extra_config or {}, "probes": probes}
     _atomic_save_tensors(path / WEIGHTS_FILE, tensors, metadata={"format": FORMAT})
     _atomic_write_json(path / CONFIG_FILE, config)
     return path
@@ -272,6 +367,16 @@ def _check_fields(config: dict, file: Path) -> None:
     _expect(isinstance(targets, dict), file, "targets", targets, "an object")
     for name, layers in targets.items():
         _expect_strings(file, f"targets.{name}", layers)
+    probes = config.get("probes", {})
+    _expect(isinstance(probes, dict), file, "probes", probes, "an object")
+    for name, record in probes.items():
+        _expect(isinstance(record, dict), file, f"probes.{name}", record, "an object")
+        _expect(name in targets, file, f"targets.{name}", _MISSING, "the layers of the probed adapter")
+        for key in ("offset", "signal", "noise"):
+            value = record.get(key, _MISSING)
+            _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and (key == "offset" or value >= 0), file, f"probes.{name}.{key}", value,
+                    "a finite number" + ("" if key == "offset" else " ≥ 0"))
     extra = config.get("extra", {})
     _expect(isinstance(extra, dict), file, "extra", extra, "an object")
     method = extra.get("method")
@@ -284,7 +389,7 @@ def _check_fields(config: dict, file: Path) -> None:
 def check_base(config: dict, model: nn.Module, path) -> None:
     saved = config.get("base_model", {})
     current = _identity(model, "load the adapter onto a transformers model, or pass check_base_model=False")
-    if saved.get("fingerprint") != current["fingerprint"]:
+    if saved.get("fingerprint") not in base_fingerprints(model):
         raise AdapterFileError(
             f"adapter {path} was trained on base model {saved.get('name')!r} ({saved.get('model_type')}, "
             f"{saved.get('num_hidden_layers')} layers, fingerprint {saved.get('fingerprint')}) but the model is "
@@ -307,6 +412,8 @@ def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
     missing_names = [n for n in wanted if n not in config["adapters"]]
     if missing_names:
         raise AdapterFileError(f"{path} has no adapter named {missing_names}: it has {list(config['adapters'])}")
+    if check_base_model:
+        _check_probes(config, tensors, model, wanted, path)
     clash = [n for n in wanted if n in adapter_names(model)]
     if clash:
         raise AdapterFileError(f"the model already has adapter(s) {clash}: remove them or load under other names")
@@ -320,7 +427,7 @@ def load_adapter(model: nn.Module, path: str | Path, names: list[str] | None = N
             added.append(name)
             add_adapter(model, adapter_config, name=name, activate=False)
         others = set(config["adapters"]) - set(wanted)  # the file's adapters not asked for are skipped
-        _load_strict(model, {k: v for k, v in tensors.items() if not k.startswith("extra.")
+        _load_strict(model, {k: v for k, v in tensors.items() if not k.startswith(("extra.", PROBE_PREFIX))
                              and _adapter_of(k) not in others}, wanted, path / WEIGHTS_FILE)
         described = config.get("extra", {}).get("method")
         if described is not None and not others:  # a subset loads as plain adapters

@@ -30,6 +30,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -231,23 +232,37 @@ def output_cache(output):
 def base_identity(model) -> dict:
     """What an adapter file records about its base model, to refuse loading onto another one.
 
-    The fingerprint hashes the architecture's shape and a slice of the input embedding rounded to
-    bfloat16, so the same weights match whether they are loaded in fp32, fp16 or bf16.
+    The fingerprint hashes the architecture's shape and the signs of a slice of the input embedding. A
+    sign survives every rounding, so the same weights match whether they are loaded in fp32, fp16 or bf16
+    (the values themselves rounded to bf16 do not: fp32 → fp16 → bf16 rounds some of them the other way).
+    The adapted layers themselves are checked by the adapter file's probe (io).
     """
     config = model.config
     embedding = model.get_input_embeddings().weight
-    sample = embedding.detach().flatten()[:8192].to("cpu", torch.bfloat16).view(torch.int16)
-    shape = (config.model_type, getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None),
-             tuple(embedding.shape))
-    digest = hashlib.sha256(repr(shape).encode() + sample.numpy().tobytes()).hexdigest()[:16]
     return {
         "name": getattr(config, "peftlab_base_name", None) or getattr(config, "_name_or_path", "") or "",
         "model_type": config.model_type,
         "hidden_size": getattr(config, "hidden_size", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "vocab_size": int(embedding.shape[0]),
-        "fingerprint": digest,
+        "fingerprint": _fingerprint(model, lambda sample: torch.signbit(sample).to(torch.uint8)),
     }
+
+
+def base_fingerprints(model) -> tuple[str, ...]:
+    """The fingerprints that identify ``model`` as a base: ``base_identity``'s, then the one peftlab
+    recorded before 2026-12-01 (the slice's values rounded to bf16), so that older adapters still load."""
+    return (base_identity(model)["fingerprint"],
+            _fingerprint(model, lambda sample: sample.to(torch.bfloat16).view(torch.int16)))
+
+
+def _fingerprint(model, digits: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    sample = digits(embedding.detach().flatten()[:8192].to("cpu"))
+    shape = (config.model_type, getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None),
+             tuple(embedding.shape))
+    return hashlib.sha256(repr(shape).encode() + sample.numpy().tobytes()).hexdigest()[:16]
 
 
 # --- tiny models for unit tests -------------------------------------------------------------

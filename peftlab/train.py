@@ -397,7 +397,8 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
     start_step, history = 0, []
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:  # before run.json and metrics.jsonl are rewritten: a refusal changes nothing
-        start_step, history = _load_checkpoint(checkpoint, named_trainable, optimizers, rank, base)
+        start_step, history = _load_checkpoint(checkpoint, named_trainable, optimizers, rank, base,
+                                               _base_fingerprints(model))
     elif resume:
         accelerator.print(f"no checkpoint in {output_dir}/checkpoints: starting from step 0")
     wrapped, *optimizers = accelerator.prepare(model, *optimizers)
@@ -550,6 +551,16 @@ def _base_identity(model: nn.Module) -> dict | None:
         return None
 
 
+def _base_fingerprints(model: nn.Module) -> tuple[str, ...]:
+    """``models.base_fingerprints`` of the model being trained (none where ``_base_identity`` is None)."""
+    from peftlab.models import base_fingerprints
+
+    try:
+        return base_fingerprints(model)
+    except (AttributeError, NotImplementedError):
+        return ()
+
+
 def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizers, history, config, accelerator,
                      base: dict | None = None) -> None:
     """Write checkpoints/step-N atomically: into a hidden directory first, renamed when complete."""
@@ -583,11 +594,12 @@ def _optimizer_file(index: int) -> str:
     return "optimizer.safetensors" if index == 0 else f"optimizer-{index}.safetensors"
 
 
-def _load_checkpoint(path: Path, named_trainable, optimizers, rank: int,
-                     base: dict | None = None) -> tuple[int, list[dict]]:
+def _load_checkpoint(path: Path, named_trainable, optimizers, rank: int, base: dict | None = None,
+                     fingerprints: tuple[str, ...] = ()) -> tuple[int, list[dict]]:
     """Restore the checkpoint in ``path`` into the trainable parameters and ``optimizers``; (step, history).
-    One made on another base model than ``base`` (``models.base_identity``) is refused before anything
-    changes; one without a recorded base (older peftlab) is resumed unchecked."""
+    One made on another base model than ``base`` (``models.base_identity``, whose ``models.base_fingerprints``
+    are ``fingerprints``) is refused before anything changes; one without a recorded base (older peftlab) is
+    resumed unchecked."""
     try:
         state = json.loads((path / "state.json").read_text())
         saved = state.get("base_model") or {}
@@ -599,7 +611,7 @@ def _load_checkpoint(path: Path, named_trainable, optimizers, rank: int,
         reason = " ".join(str(err).split())[:120] or type(err).__name__
         raise TrainConfigError(f"checkpoint {path} is damaged ({reason}): delete that folder to resume from the one "
                                "before it, or pass --overwrite to start anew") from None
-    if base is not None and saved.get("fingerprint") not in (None, base["fingerprint"]):
+    if base is not None and saved.get("fingerprint") not in (None, *fingerprints):
         made_on, uses = repr(saved.get("name")), repr(base["name"])
         if made_on == uses:  # the same name, other weights: the fingerprints tell them apart
             made_on += f" (fingerprint {saved['fingerprint']})"

@@ -142,9 +142,9 @@ def build(bench: Workbench):
     def banner():
         return f"# peftlab\nBase model **{bench.base_name}** · {len(bench.labels) - 1} adapter(s) loaded"
 
-    def base_fingerprint():
-        from peftlab.models import base_identity
-        return base_identity(bench.base)["fingerprint"]
+    def base_fingerprints():
+        from peftlab.models import base_fingerprints
+        return base_fingerprints(bench.base)
 
     with gr.Blocks(title="peftlab", analytics_enabled=False) as page:
         heading = gr.Markdown(banner())
@@ -253,7 +253,7 @@ def build(bench: Workbench):
         def on_show(path):
             empty = [None, None, None, None, []]  # loss plot, evaluation plot, table, config, gallery
             try:
-                summary = summarize_run(path, base_fingerprint())
+                summary = summarize_run(path, base_fingerprints())
             except Exception as err:
                 return [_error(err), *empty]
             facts = [f"**{summary.path}**"]

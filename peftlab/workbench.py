@@ -354,15 +354,19 @@ def _evaluation_rows(name: str, data) -> list[dict]:
 
 
 def stored_parameters(path: Path) -> int:
-    """Values stored in a safetensors file, read from its header (no tensor is loaded)."""
+    """Parameters stored in a safetensors file, read from its header (no tensor is loaded): every value but
+    the adapter file's probes (io), which are not parameters."""
     from safetensors import safe_open
 
+    from peftlab.io import PROBE_PREFIX
+
     with safe_open(str(path), framework="pt") as f:
-        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys() if not key.startswith(PROBE_PREFIX))
 
 
-def summarize_run(path: str | Path, base_fingerprint: str | None = None) -> RunSummary:
-    """Read a run directory (``peftlab train``, ``eval``, ``calibrate`` or the demo) for display."""
+def summarize_run(path: str | Path, base_fingerprints: tuple[str, ...] | None = None) -> RunSummary:
+    """Read a run directory (``peftlab train``, ``eval``, ``calibrate`` or the demo) for display; with the
+    served base model's ``models.base_fingerprints``, an adapter made on another base gets a note."""
     from peftlab.io import AdapterFileError, read_adapter_config
 
     path = _run_directory(path, "`peftlab train`, `peftlab eval` or `peftlab calibrate`")
@@ -383,7 +387,7 @@ def summarize_run(path: str | Path, base_fingerprint: str | None = None) -> RunS
                                          else [])))
         base = adapter.get("base_model", {})
         base_model = base.get("name")
-        if base_fingerprint is not None and base.get("fingerprint") != base_fingerprint:
+        if base_fingerprints is not None and base.get("fingerprint") not in base_fingerprints:
             notes.append(f"this adapter was trained on base model {base_model!r} (fingerprint "
                          f"{base.get('fingerprint')}), not on the base model this page serves: it cannot be "
                          "loaded here")

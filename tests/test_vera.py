@@ -90,6 +90,7 @@ def test_projections_never_saved_and_round_trip(adapted, tokens, tmp_path):
     assert all("lambda" in k for k in adapted.state_dict() if ".adapters." in k)
     save_adapter(adapted, tmp_path / "run")
     saved = load_file(tmp_path / "run" / "adapter.safetensors")
+    assert saved.pop("probe.default").shape == (2 * sum(OUT.values()),)  # the probe: one value per output, 2 layers
     assert len(saved) == 28 and all(k.endswith((".lambda_b", ".lambda_d")) for k in saved)
     assert sum(v.numel() for v in saved.values()) == 2 * sum(OUT.values()) + 14 * 16
     _projections.cache_clear()  # the fresh model must regenerate A and B from the seed

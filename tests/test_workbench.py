@@ -182,10 +182,11 @@ def test_run_summary_reads_a_training_run(model_dir, tmp_path):
                  "--output", str(run)]) == 0
     (run / "eval.json").write_text(json.dumps({"exact_match_before": 0.1, "exact_match_after": 0.4,
                                                "test_examples": 10}))
-    summary = summarize_run(run, base_fingerprint="another")
+    summary = summarize_run(run, base_fingerprints=("another",))
     assert summary.methods == ("lora",) and summary.config["adapter"]["r"] == 2
     tensors = __import__("safetensors.torch", fromlist=["load_file"]).load_file(run / "adapter.safetensors")
-    assert summary.parameters == sum(t.numel() for t in tensors.values())
+    assert summary.parameters == sum(t.numel() for k, t in tensors.items() if not k.startswith("probe."))
+    assert summary.parameters < sum(t.numel() for t in tensors.values())  # the file holds a probe
     assert [r["step"] for r in summary.metrics if "loss" in r]
     assert {(r["name"], r["metric"], r["value"]) for r in summary.evaluations} == \
         {("before", "exact_match", 0.1), ("after", "exact_match", 0.4)}

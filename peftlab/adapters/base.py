@@ -462,6 +462,14 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def frozen_weight(module: nn.Module) -> torch.Tensor:
+    """The weight W, (out_features, in_features), of an ``nn.Linear``, a ``Conv1D`` or an AdapterLayer around
+    either (without the updates of adapters merged into it)."""
+    if isinstance(module, AdapterLayer):
+        return module.base_weight()
+    return module.weight.T if Conv1D and isinstance(module, Conv1D) else module.weight
+
+
 class AdapterLayer(nn.Module):
     """A frozen linear layer with named adapters and an active set (see the module docstring)."""
 
@@ -522,11 +530,16 @@ class AdapterLayer(nn.Module):
                     "term depends on the input embedding and cannot be folded into the weight; keep it unmerged")
 
     @torch.no_grad()
-    def unmerge(self) -> None:
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight W, (out_features, in_features), without the merged adapters' updates (a new tensor)."""
         weight = self._get_weight().clone()
         for name in reversed(self.merged):
             weight = self.adapters[name].unmerged_weight(weight)
-        self._set_weight(weight)
+        return weight
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self._set_weight(self.base_weight())
         self.merged = ()
 
     def extra_repr(self) -> str:
