@@ -250,10 +250,12 @@ def base_identity(model) -> dict:
 
 
 def base_fingerprints(model) -> tuple[str, ...]:
-    """The fingerprints that identify ``model`` as a base: ``base_identity``'s, then the one peftlab
-    recorded before 2026-12-01 (the slice's values rounded to bf16), so that older adapters still load."""
+    """The fingerprints that identify ``model`` as a base: ``base_identity``'s, then those peftlab recorded
+    before 2026-12-01 (the slice's values rounded to bf16, directly or through fp16 as in a model loaded in
+    fp16), so that older adapters still load."""
     return (base_identity(model)["fingerprint"],
-            _fingerprint(model, lambda sample: sample.to(torch.bfloat16).view(torch.int16)))
+            _fingerprint(model, lambda sample: sample.to(torch.bfloat16).view(torch.int16)),
+            _fingerprint(model, lambda sample: sample.half().to(torch.bfloat16).view(torch.int16)))
 
 
 def _fingerprint(model, digits: Callable[[torch.Tensor], torch.Tensor]) -> str:

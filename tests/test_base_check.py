@@ -128,12 +128,14 @@ def test_adapters_merged_in_memory_are_not_part_of_the_base(tmp_path, tokens):
     assert adapter_names(model) == ["other", "default"]
 
 
-def test_adapter_files_without_a_probe_or_with_the_old_fingerprint_still_load(tmp_path, tokens):
+@pytest.mark.parametrize("trained_in", [torch.float32, torch.float16])
+def test_adapter_files_without_a_probe_or_with_the_old_fingerprint_still_load(trained_in, tmp_path, tokens):
     model = adapted("lora", std=0.02)
     run = save_adapter(model, tmp_path / "adapter")
     config = json.loads((run / "adapter.json").read_text())
     del config["probes"]
-    config["base_model"]["fingerprint"] = base_fingerprints(tiny_model(seed=0))[1]  # as peftlab wrote it before
+    # as peftlab wrote it before, for a base in fp32 or fp16 (which then failed to load onto the fp32 base)
+    config["base_model"]["fingerprint"] = base_fingerprints(tiny_model(seed=0).to(trained_in))[1]
     (run / "adapter.json").write_text(json.dumps(config))
     tensors = load_file(run / "adapter.safetensors")
     del tensors["probe.default"]
