@@ -6,6 +6,7 @@ from conftest import check_merge_round_trip, check_seeded_init, logits, randomiz
 from peftlab.adapters import AdapterConfigError, AdapterLayer, LoraConfig
 from peftlab.inject import (active_adapters, add_adapter, adapter_names, find_targets, merge, remove_adapter,
                             set_active, trainable_summary, unmerge, unwrap)
+from peftlab.kernels import lora_cpu
 from peftlab.models import tiny_model
 
 
@@ -178,9 +179,9 @@ def test_fused_layer_matches_autograd(bias, x_grad, w_grad):
         assert torch.allclose(g, g_ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("folded", [True, False])
+@pytest.mark.parametrize("form", ["fold", "plain"])
 @pytest.mark.parametrize("bias,w_grad", [(False, False), (True, False), (True, True)])
-def test_folded_and_accumulating_forms_match_autograd(folded, bias, w_grad):
+def test_folded_and_accumulating_forms_match_autograd(form, bias, w_grad):
     """Both forms of the fused layer (the update folded into the weight, or accumulated into the output)
     give autograd's output and gradients for y = x Wᵀ + b + s·(x Aᵀ) Bᵀ, in float64."""
     from peftlab.adapters.lora import _LoraLinear
@@ -193,11 +194,60 @@ def test_folded_and_accumulating_forms_match_autograd(folded, bias, w_grad):
     inputs = [t for t in (x, weight, b, A, B) if t is not None and t.requires_grad]
     weights = torch.randn(3, 5, 20, dtype=torch.float64, generator=generator)
     reference = torch.nn.functional.linear(x, weight, b) + 2.5 * (x @ A.t()) @ B.t()
-    ours = _LoraLinear.apply(x, weight, b, A, B, 2.5, folded)
+    ours = _LoraLinear.apply(x, weight, b, A, B, 2.5, form)
     assert (ours - reference).abs().max() <= 1e-12
     for g, g_ref in zip(torch.autograd.grad((ours * weights).sum(), inputs),
                         torch.autograd.grad((reference * weights).sum(), inputs)):
         assert (g - g_ref).abs().max() <= 1e-12 * g_ref.abs().max()
+
+
+needs_kernel = pytest.mark.skipif(lora_cpu() is None, reason="the CPU LoRA kernel could not be built here (no C++ "
+                                  "compiler or ninja; see the warning): LoRA runs PyTorch's products instead")
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens, in_features, out_features, r", [
+    (512, 64, 128, 8),    # the usual case: many tokens, r = 8
+    (7, 48, 16, 8),       # fewer tokens than a block of rows, and an odd count
+    (33, 32, 80, 16),     # r = 16: two groups of 8 dot products
+    (1, 16, 16, 32),      # one token
+    (10, 48, 32, 64),     # the largest rank it is compiled for
+])
+@pytest.mark.parametrize("x_grad, w_grad", [(True, False), (False, False), (True, True)])
+def test_kernel_form_matches_float64_autograd(tokens, in_features, out_features, r, x_grad, w_grad):
+    """The compiled kernel's output and gradients equal autograd's on the same float32 values computed in
+    float64, to float32 rounding."""
+    from peftlab.adapters.lora import _LoraLinear
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight, A, B, b = (torch.randn(*shape, generator=generator) for shape in
+                          ((tokens, in_features), (out_features, in_features), (r, in_features), (out_features, r),
+                           (out_features,)))
+    g = torch.randn(tokens, out_features, generator=generator)
+    x.requires_grad_(x_grad), weight.requires_grad_(w_grad), A.requires_grad_(), B.requires_grad_()
+    inputs = [t for t in (x, weight, A, B) if t.requires_grad]
+    ours = _LoraLinear.apply(x, weight, b, A, B, 2.5, "kernel")
+    grads = torch.autograd.grad(ours, inputs, g)
+    wide = [t.detach().double().requires_grad_(t.requires_grad) for t in (x, weight, A, B)]
+    reference = torch.nn.functional.linear(wide[0], wide[1], b.double()) + 2.5 * (wide[0] @ wide[2].t()) @ wide[3].t()
+    expected = torch.autograd.grad(reference, [t for t in wide if t.requires_grad], g.double())
+    assert (ours.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
+    for got, want in zip(grads, expected):
+        assert got.shape == want.shape and (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_the_kernel_takes_float32_cpu_layers_of_its_shapes_only():
+    from peftlab.adapters.lora import form
+
+    linear = torch.nn.Linear(64, 128)
+    A, B = torch.zeros(8, 64), torch.zeros(128, 8)
+    x = torch.randn(4, 5, 64)
+    assert form(x, linear, A, B) == ("kernel" if lora_cpu() is not None else "plain")
+    assert form(x, linear, torch.zeros(4, 64), torch.zeros(128, 4)) == "plain"  # a rank it is not compiled for
+    assert form(x, linear, torch.zeros(24, 64), torch.zeros(128, 24)) == "plain"
+    assert form(x.double(), linear.double(), A.double(), B.double()) == "plain"
+    odd = torch.nn.Linear(60, 128)
+    assert form(torch.randn(4, 5, 60), odd, torch.zeros(8, 60), B) == "plain"
 
 
 def test_folds_once_tokens_outnumber_outputs():

@@ -1,0 +1,65 @@
+"""The compiled CPU LoRA kernel: a whole model trains the same with it as without it, and where it cannot be
+built (or is switched off) LoRA falls back to PyTorch's products with one warning naming the reason."""
+import pytest
+import torch
+
+import peftlab.kernels as kernels
+from conftest import randomize_adapters
+from peftlab.adapters import LoraConfig
+from peftlab.adapters.lora import form
+from peftlab.inject import add_adapter, set_active
+from peftlab.models import tiny_model
+
+
+@pytest.fixture
+def fresh_kernel_lookup():
+    """``lora_cpu`` looks again (it caches its answer), and the real answer is restored afterwards."""
+    kernels.lora_cpu.cache_clear()
+    yield
+    kernels.lora_cpu.cache_clear()
+
+
+def test_switched_off_means_pytorch_products(monkeypatch, fresh_kernel_lookup):
+    monkeypatch.setenv("PEFTLAB_KERNELS", "0")
+    assert kernels.lora_cpu() is None
+    linear = torch.nn.Linear(64, 128)
+    assert form(torch.randn(2, 3, 64), linear, torch.zeros(8, 64), torch.zeros(128, 8)) == "plain"
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, fresh_kernel_lookup):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.delenv("PEFTLAB_KERNELS", raising=False)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with pytest.warns(UserWarning, match=r"could not be built \(Error building extension: c\+\+: command not found\)"):
+        assert kernels.lora_cpu() is None
+    linear = torch.nn.Linear(64, 128)
+    assert not kernels.lora_fits(torch.randn(2, 64), torch.zeros(8, 64), torch.zeros(128, 8))
+    assert form(torch.randn(2, 3, 64), linear, torch.zeros(8, 64), torch.zeros(128, 8)) == "plain"
+
+
+@pytest.mark.skipif(kernels.lora_cpu() is None, reason="the CPU LoRA kernel could not be built here (no C++ compiler "
+                    "or ninja; see the warning): LoRA runs PyTorch's products instead")
+def test_a_model_trains_the_same_with_and_without_the_kernel(monkeypatch):
+    """Loss and every adapter gradient of a tiny model with LoRA on all its linear layers (r = 8 and 16), through
+    the kernel and through PyTorch's products, agree to float32 rounding."""
+    tokens = torch.randint(4, 262, (3, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for use_kernel in (True, False):
+        model = tiny_model(seed=0)
+        add_adapter(model, LoraConfig(r=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")), seed=0)
+        add_adapter(model, LoraConfig(r=16, target_modules=("gate_proj", "up_proj", "down_proj")), name="mlp", seed=1)
+        set_active(model, ["default", "mlp"])
+        randomize_adapters(model, std=0.05)
+        monkeypatch.setattr("peftlab.adapters.lora.lora_fits", kernels.lora_fits if use_kernel else lambda *a: False)
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_k, grads_k), (loss_p, grads_p) = results
+    assert abs(loss_k - loss_p) <= 1e-5 * abs(loss_p)
+    assert grads_k.keys() == grads_p.keys() and len(grads_k) == 2 * 2 * 7  # A and B of 7 layers × 2 blocks
+    for name, grad in grads_p.items():
+        assert (grads_k[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
