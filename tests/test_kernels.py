@@ -63,3 +63,17 @@ def test_a_model_trains_the_same_with_and_without_the_kernel(monkeypatch):
     assert grads_k.keys() == grads_p.keys() and len(grads_k) == 2 * 2 * 7  # A and B of 7 layers × 2 blocks
     for name, grad in grads_p.items():
         assert (grads_k[name] - grad).abs().max() <= 1e-4 * grad.abs().max(), name
+
+
+@pytest.mark.skipif(kernels.lora_cpu() is None, reason="the CPU LoRA kernel could not be built here")
+def test_the_kernel_refuses_what_it_cannot_take():
+    """Called directly (not through ``lora_fits``), the kernel checks its inputs instead of reading out of bounds."""
+    kernel, y = kernels.lora_cpu(), torch.zeros(4, 32)
+    with pytest.raises(RuntimeError, match="r = 8, 16, 32 or 64, not 4"):
+        kernel.forward(torch.zeros(4, 32), torch.zeros(4, 32), torch.zeros(4, 32), y, 1.0)
+    with pytest.raises(RuntimeError, match="multiples of 16, not 30 and 32"):
+        kernel.forward(torch.zeros(4, 30), torch.zeros(8, 30), torch.zeros(8, 32), y, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors"):
+        kernel.forward(torch.zeros(32, 4).t(), torch.zeros(8, 32), torch.zeros(8, 32), y, 1.0)
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors"):
+        kernel.forward(torch.zeros(4, 32, dtype=torch.float64), torch.zeros(8, 32), torch.zeros(8, 32), y, 1.0)

@@ -139,8 +139,18 @@ std::vector<torch::Tensor> backward(torch::Tensor g, torch::Tensor x, torch::Ten
 
 }  // namespace
 
-// The entry points: the functions compiled for the caller's rank.
+// The entry points: the functions compiled for the caller's rank, on tensors that meet the requirements.
+static void check(std::initializer_list<torch::Tensor> tensors, int64_t K, int64_t N) {
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.numel() == 0 || (t.is_contiguous() && t.scalar_type() == torch::kFloat && t.device().is_cpu()),
+                "peftlab's LoRA kernel takes contiguous float32 CPU tensors");
+  }
+  TORCH_CHECK(K % W16 == 0 && N % W16 == 0, "peftlab's LoRA kernel takes widths that are multiples of 16, not ", K,
+              " and ", N);
+}
+
 torch::Tensor lora_forward(torch::Tensor x, torch::Tensor A, torch::Tensor Bt, torch::Tensor y, double scaling) {
+  check({x, A, Bt, y}, x.size(1), Bt.size(1));
   const float s = static_cast<float>(scaling);
   switch (A.size(0)) {
     case 8: return forward<8>(x, A, Bt, y, s);
@@ -153,6 +163,7 @@ torch::Tensor lora_forward(torch::Tensor x, torch::Tensor A, torch::Tensor Bt, t
 
 std::vector<torch::Tensor> lora_backward(torch::Tensor g, torch::Tensor x, torch::Tensor h, torch::Tensor A,
                                          torch::Tensor Bt, torch::Tensor grad_x, double scaling) {
+  check({g, x, h, A, Bt, grad_x}, x.size(1), Bt.size(1));
   const float s = static_cast<float>(scaling);
   switch (A.size(0)) {
     case 8: return backward<8>(g, x, h, A, Bt, grad_x, s);
