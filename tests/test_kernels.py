@@ -26,6 +26,19 @@ def test_switched_off_means_pytorch_products(monkeypatch, fresh_kernel_lookup):
     assert form(torch.randn(2, 3, 64), linear, torch.zeros(8, 64), torch.zeros(128, 8)) == "plain"
 
 
+def test_the_first_build_says_so(monkeypatch, fresh_kernel_lookup, tmp_path, capsys):
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("PEFTLAB_KERNELS", raising=False)
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: "built")
+    assert kernels.lora_cpu() == "built"
+    assert "building the CPU LoRA kernel" in capsys.readouterr().err
+    kernels.lora_cpu.cache_clear()
+    next((tmp_path / "kernels").iterdir()).joinpath("kernel.so").touch()  # built before: nothing to say
+    assert kernels.lora_cpu() == "built" and capsys.readouterr().err == ""
+
+
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, fresh_kernel_lookup):
     from torch.utils import cpp_extension
 

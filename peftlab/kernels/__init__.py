@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -44,6 +45,8 @@ def lora_cpu():
     build = cache_dir() / "kernels" / f"lora_cpu_{capability.lower()}"
     try:
         build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):  # the first use on this machine: say why the first step takes longer
+            print(f"peftlab: building the CPU LoRA kernel into {build} (once, 15-30 s)", file=sys.stderr, flush=True)
         return cpp_extension.load(f"peftlab_lora_cpu_{capability.lower()}", [str(SOURCE)], build_directory=str(build),
                                   extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a read-only cache: the PyTorch form still works
