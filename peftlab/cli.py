@@ -654,13 +654,13 @@ def cmd_info(args) -> int:
 
     method_class("lora")  # registers every method
     if args.adapter:
-        from peftlab.io import (CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, PROBE_PREFIX, WEIGHTS_FILE,
-                                _read_tensors, read_adapter_config, read_peft_config)
+        from peftlab.io import (CONFIG_FILE, PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE, WEIGHTS_FILE, read_adapter_config,
+                                read_peft_config, stored_parameters)
 
         folder = Path(args.adapter)
         if (folder / PEFT_CONFIG_FILE).is_file() and not (folder / CONFIG_FILE).is_file():  # a PEFT directory
             peft = read_peft_config(folder)
-            count = sum(t.numel() for t in _read_tensors(folder / PEFT_WEIGHTS_FILE).values())
+            count = stored_parameters(folder / PEFT_WEIGHTS_FILE)
             rest = {k: v for k, v in peft.items() if k not in ("peft_type", "base_model_name_or_path")}
             print(f"PEFT {peft['peft_type']} adapter {args.adapter}")
             print(f"  base model: {peft.get('base_model_name_or_path')}")
@@ -668,8 +668,7 @@ def cmd_info(args) -> int:
             print(f"  {count:,} parameters")
             return 0
         config = read_adapter_config(args.adapter)
-        count = sum(t.numel() for key, t in _read_tensors(Path(args.adapter) / WEIGHTS_FILE).items()
-                    if not key.startswith(PROBE_PREFIX))
+        count = stored_parameters(folder / WEIGHTS_FILE)
         print(f"adapter {args.adapter}")
         print(f"  base model: {config['base_model'].get('name')} ({config['base_model'].get('model_type')}, "
               f"fingerprint {config['base_model'].get('fingerprint')})")

@@ -19,6 +19,7 @@ output directory (with ``overwrite``) only once complete, so a failure leaves th
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -86,8 +87,10 @@ def _read_json(path: Path, what: str) -> dict:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file. Pickled weights are never read: unpickling can run code."""
+@contextmanager
+def _safetensors_file(path: Path):
+    """Reading safetensors file ``path``: a missing or corrupt one is a one-line AdapterFileError. Pickled
+    weights are never read: unpickling can run code."""
     if not path.is_file():
         folder = path.parent
         pickled = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
@@ -97,9 +100,21 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
                                    "as safetensors (PEFT: save_pretrained(..., safe_serialization=True))")
         raise AdapterFileError(f"{path} not found: the adapter directory is incomplete, re-save the adapter")
     try:
-        return load_file(str(path))
+        yield
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterFileError(f"{path} is corrupt or not a safetensors file ({err}): re-save the adapter") from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with _safetensors_file(path):
+        return load_file(str(path))
+
+
+def stored_parameters(path: Path) -> int:
+    """Parameters in a safetensors file (peftlab's or PEFT's), read from its header (no tensor is loaded): every
+    value but an adapter file's probes (below), which are not parameters."""
+    with _safetensors_file(path), safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys() if not key.startswith(PROBE_PREFIX))
 
 
 def check_output_dir(path: str | Path) -> Path:
@@ -215,8 +230,13 @@ BFLOAT16_ROUNDING = 2.0 ** -8 / 3 ** 0.5  # standard deviation of bfloat16's rel
 PROBE_TOLERANCE = 10.0  # |t| within this many noise deviations is the base model
 
 
+@functools.cache
+def _probe_cpu(width: int) -> torch.Tensor:
+    return torch.randn(width, generator=torch.Generator().manual_seed(PROBE_SEED))
+
+
 def _probe_input(width: int, device) -> torch.Tensor:
-    return torch.randn(width, generator=torch.Generator().manual_seed(PROBE_SEED)).to(device)
+    return _probe_cpu(width).to(device)
 
 
 def _frozen_layer(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

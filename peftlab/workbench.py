@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,21 +352,10 @@ def _evaluation_rows(name: str, data) -> list[dict]:
     return rows
 
 
-def stored_parameters(path: Path) -> int:
-    """Parameters stored in a safetensors file, read from its header (no tensor is loaded): every value but
-    the adapter file's probes (io), which are not parameters."""
-    from safetensors import safe_open
-
-    from peftlab.io import PROBE_PREFIX
-
-    with safe_open(str(path), framework="pt") as f:
-        return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys() if not key.startswith(PROBE_PREFIX))
-
-
 def summarize_run(path: str | Path, base_fingerprints: tuple[str, ...] | None = None) -> RunSummary:
     """Read a run directory (``peftlab train``, ``eval``, ``calibrate`` or the demo) for display; with the
     served base model's ``models.base_fingerprints``, an adapter made on another base gets a note."""
-    from peftlab.io import AdapterFileError, read_adapter_config
+    from peftlab.io import AdapterFileError, read_adapter_config, stored_parameters
 
     path = _run_directory(path, "`peftlab train`, `peftlab eval` or `peftlab calibrate`")
     known = ("run.json", CONFIG_FILE, PEFT_CONFIG_FILE, "metrics.jsonl") + EVAL_FILES
@@ -399,8 +387,8 @@ def summarize_run(path: str | Path, base_fingerprints: tuple[str, ...] | None = 
     weights = next((path / n for n in (WEIGHTS_FILE, PEFT_WEIGHTS_FILE) if (path / n).is_file()), None)
     try:
         parameters = stored_parameters(weights) if weights else None
-    except Exception as err:  # a damaged header: say so, do not guess
-        raise WorkbenchError(f"{weights} is corrupt or not a safetensors file ({err}): re-save the adapter") from None
+    except AdapterFileError as err:  # a damaged header: say so, do not guess
+        raise WorkbenchError(str(err)) from None
     metrics = _metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").is_file() else []
     evaluations = []
     for name in EVAL_FILES:

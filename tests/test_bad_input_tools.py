@@ -110,15 +110,19 @@ def test_bita_training_refuses_bad_distillation_records(model_dir, tmp_path, cap
 
 # -- calibrate ----------------------------------------------------------------------------------------------
 
+def old_output(root, files: dict[str, str]):
+    """A finished run's output folder ``root`` holding ``files`` ({relative path: text})."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
 @pytest.fixture
 def old_study(tmp_path):
     """The files of a finished calibration study in --output."""
-    out = tmp_path / "cg"
-    (out / "mle" / "seed1").mkdir(parents=True)
-    (out / "mle" / "seed1" / "result.json").write_text("[]")
-    (out / "calibration.json").write_text('{"old": true}')
-    (out / "reliability_mle.png").write_bytes(b"png")
-    return out
+    return old_output(tmp_path / "cg", {"mle/seed1/result.json": "[]", "calibration.json": '{"old": true}',
+                                        "reliability_mle.png": "png"})
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -159,11 +163,7 @@ def test_calibrate_output_that_is_a_file(tmp_path, capsys, below, message):
 
 @pytest.fixture
 def old_comparison(tmp_path):
-    out = tmp_path / "cmp"
-    (out / "lora" / "seed0").mkdir(parents=True)
-    (out / "lora" / "seed0" / "result.json").write_text('{"accuracy": 0.5}')
-    (out / "compare.json").write_text('{"old": true}')
-    return out
+    return old_output(tmp_path / "cmp", {"lora/seed0/result.json": '{"accuracy": 0.5}', "compare.json": '{"old": true}'})
 
 
 COMPARE = ["compare", "--methods", "lora", "--batch-size", "2", "--train", "4", "--test", "2",
