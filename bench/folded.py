@@ -1,13 +1,15 @@
-"""LoRA, OFT and the ETHER family in their two training forms, side by side, and the frozen base: the update
-folded into the weight (peftlab/adapters/blockwise.py; for LoRA, W + s·BA) against the update applied to
-activations (for LoRA, accumulated into the output).
+"""LoRA, OFT and the ETHER family in their training forms, side by side, and the frozen base: the update
+folded into the weight where that pays (peftlab/adapters/blockwise.py; for LoRA, W + s·BA) or always applied
+to activations, each with the compiled CPU kernels (peftlab/kernels) or with PyTorch's operations.
 
     .venv/bin/python bench/folded.py                       # batch 4 x 128 (the adapters benchmark's)
     .venv/bin/python bench/folded.py --batch 16 --rounds 3
+    .venv/bin/python bench/folded.py --forms fold+kernel,fold+pytorch --methods ether
 
-Each method's adapter is built once and stepped in both forms (the form is switched around each step by
-replacing the rule that chooses it, ``worth_folding`` or ``lora.folds``), so the two differ only in how the
-step is computed.
+The forms: ``fold+kernel`` (what training does), ``fold+pytorch`` (kernels off), ``kernel`` and ``pytorch``
+(never folded). Each method's adapter is built once and stepped in every form (switched around each step by
+replacing the rules that choose it, ``worth_folding``/``lora.folds`` and ``blocks_fit``/``lora_fits``), so
+the forms differ only in how the step is computed.
 Every round runs one step of each variant, the order reversing each round; the ratio to the base is the
 median over rounds of the per-round ratios. Results go to ``--out`` (JSON).
 """
@@ -23,12 +25,15 @@ from adapters import build  # noqa: E402
 from lora_step import _make_step, make_batch, quiet_libraries  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from peftlab import kernels  # noqa: E402
 from peftlab.adapters import blockwise, ether, lora, oft  # noqa: E402
 from peftlab.models import EMBEDDED_MODEL  # noqa: E402
 
 METHODS = ("lora", "oft", "ether", "etherplus", "etherplus_hh")
-FOLDING_MODULES = (ether, oft)  # the modules whose ``worth_folding`` decides the form
-LORA_FOLDS = lora.folds
+FORMS = ("fold+kernel", "fold+pytorch", "kernel", "pytorch")
+BLOCK_MODULES = (ether, oft)  # the modules whose ``worth_folding`` and ``blocks_fit`` decide the form
+RULES = {"worth_folding": blockwise.worth_folding, "blocks_fit": kernels.blocks_fit, "lora.folds": lora.folds,
+         "lora.lora_fits": lora.lora_fits}
 
 
 def parse_args(argv=None):
@@ -37,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -48,17 +54,24 @@ def parse_args(argv=None):
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
         p.error(f"--methods {unknown}: this benchmark covers {', '.join(METHODS)}")
+    args.forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    if not args.forms or set(args.forms) - set(FORMS):
+        p.error(f"--forms {args.forms}: choose among {', '.join(FORMS)}")
     if args.rounds < 3:
         p.error("--rounds must be at least 3")
     args.out = args.out or f"bench/results/folded_b{args.batch}.json"
     return args
 
 
-def set_form(folded: bool) -> None:
-    never = lambda x, inner: False  # noqa: E731
-    for module in FOLDING_MODULES:
-        module.worth_folding = blockwise.worth_folding if folded else never
-    lora.folds = LORA_FOLDS if folded else never
+def set_form(form: str) -> None:
+    """Switch every method's rules to ``form`` (see the module docstring)."""
+    fold, kernel = form.startswith("fold"), form.endswith("kernel")
+    never = lambda *args: False  # noqa: E731
+    for module in BLOCK_MODULES:
+        module.worth_folding = RULES["worth_folding"] if fold else never
+        module.blocks_fit = RULES["blocks_fit"] if kernel else never
+    lora.folds = RULES["lora.folds"] if fold else never
+    lora.lora_fits = RULES["lora.lora_fits"] if kernel else never
 
 
 def main(argv=None) -> dict:
@@ -70,11 +83,12 @@ def main(argv=None) -> dict:
     for method in args.methods:
         model, optimizer, _ = build(method, args, input_ids)
         step = _make_step(model, optimizer, input_ids)
-        steps[f"{method}:folded"], steps[f"{method}:activations"] = (True, step), (False, step)
+        for form in args.forms:
+            steps[f"{method}:{form}"] = (form, step)
 
     def run(name: str) -> float:
-        folded, step = steps[name]
-        set_form(bool(folded))
+        form, step = steps[name]
+        set_form(form or FORMS[0])
         return common.timed(step, args.device)
 
     for name in steps:  # warm-up
@@ -83,17 +97,20 @@ def main(argv=None) -> dict:
     for r in tqdm(range(args.rounds), desc="rounds", unit="round"):
         for name in (list(steps) if r % 2 == 0 else list(reversed(steps))):
             times[name].append(run(name))
-    set_form(True)
+    set_form(FORMS[0])
     ratios = {n: common.median([t / b for t, b in zip(times[n], times["base"])]) for n in steps}
-    rows = []
-    for method in args.methods:
-        act, fold = ratios[f"{method}:activations"], ratios[f"{method}:folded"]
-        rows.append([method, f"{act:.3f}", f"{fold:.3f}", f"{(fold - 1) / (act - 1):.2f}" if act > 1 else "–"])
+    first = args.forms[0]  # each form's step against the first form's, paired round by round
+    paired = {n: common.median([t / f for t, f in zip(times[n], times[f"{n.split(':')[0]}:{first}"])])
+              for n in steps if n != "base"}
+    rows = [[method, *(f"{ratios[f'{method}:{form}']:.3f}" for form in args.forms),
+             *(f"{paired[f'{method}:{form}']:.3f}" for form in args.forms[1:])] for method in args.methods]
     print(f"batch {args.batch} x {args.seq}; frozen base {common.median(times['base']):.3f} s per step")
-    print(common.format_table(["method", "activations x base", "folded x base", "overhead kept"], rows))
+    print(common.format_table(["method", *(f"{form} x base" for form in args.forms),
+                               *(f"{form} / {first}" for form in args.forms[1:])], rows))
     result = {"benchmark": "folded", "date": common.now_iso(), "machine": common.machine_info(args.device),
               "command": "python bench/folded.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "settings": vars(args), "step_seconds": times, "vs_base": ratios}
+              "settings": vars(args), "step_seconds": times, "vs_base": ratios,
+              "vs_first_form": paired}
     print(f"wrote {common.write_json(args.out, result)}")
     return result
 

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+import peftlab.kernels as kernels
 from conftest import count_derivations, randomize_adapters
 from peftlab.adapters import EtherConfig, EtherPlusConfig, EtherPlusHHConfig, OftConfig, base
 from peftlab.inject import add_adapter, set_active
@@ -78,7 +79,8 @@ def test_one_value_serves_the_pass_and_the_next_step_sees_new_parameters(monkeyp
     assert len(calls) == 28
     calls.clear()
     model(tokens).logits.sum().backward()  # one call per block size: 64 → 16, 32 → 8, 128 → 32 features
-    assert sorted(calls) == ["dense_blocks"] * 3
+    # the vectors for the compiled kernel (peftlab.kernels), the dense blocks for PyTorch's form
+    assert sorted(calls) == ["vectors" if kernels.blocks_cpu() is not None else "dense_blocks"] * 3
     model(tokens)  # the backward pass freed that value's graph: derived again, and kept (no backward)
     assert len(calls) == 6
     with torch.no_grad():  # a change without a backward pass, seen by the parameters' version counters

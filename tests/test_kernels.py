@@ -1,5 +1,6 @@
-"""The compiled CPU LoRA kernel: a whole model trains the same with it as without it, and where it cannot be
-built (or is switched off) LoRA falls back to PyTorch's products with one warning naming the reason."""
+"""The compiled CPU kernels: LoRA's (a whole model trains the same with it as without it), and for both it and the
+block-transform kernel (tests/test_block_kernels.py), where one cannot be built (or kernels are switched off) the
+methods fall back to PyTorch's operations with one warning naming the reason."""
 import pytest
 import torch
 
@@ -13,15 +14,18 @@ from peftlab.models import tiny_model
 
 @pytest.fixture
 def fresh_kernel_lookup():
-    """``lora_cpu`` looks again (it caches its answer), and the real answer is restored afterwards."""
+    """``lora_cpu`` and ``blocks_cpu`` look again (they cache their answers); the real answers return afterwards."""
     kernels.lora_cpu.cache_clear()
+    kernels.blocks_cpu.cache_clear()
     yield
     kernels.lora_cpu.cache_clear()
+    kernels.blocks_cpu.cache_clear()
 
 
 def test_switched_off_means_pytorch_products(monkeypatch, fresh_kernel_lookup):
     monkeypatch.setenv("PEFTLAB_KERNELS", "0")
-    assert kernels.lora_cpu() is None
+    assert kernels.lora_cpu() is None and kernels.blocks_cpu() is None
+    assert not kernels.blocks_fit(torch.zeros(3, 32))
     linear = torch.nn.Linear(64, 128)
     assert form(torch.randn(2, 3, 64), linear, torch.zeros(8, 64), torch.zeros(128, 8)) == "plain"
 
@@ -49,6 +53,9 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, fresh_kernel_look
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     with pytest.warns(UserWarning, match=r"could not be built \(Error building extension: c\+\+: command not found\)"):
         assert kernels.lora_cpu() is None
+    with pytest.warns(UserWarning, match=r"block-transform kernel could not be built .*ETHER and OFT use PyTorch"):
+        assert kernels.blocks_cpu() is None
+    assert not kernels.blocks_fit(torch.zeros(3, 32))
     linear = torch.nn.Linear(64, 128)
     assert not kernels.lora_fits(torch.randn(2, 64), torch.zeros(8, 64), torch.zeros(128, 8))
     assert form(torch.randn(2, 3, 64), linear, torch.zeros(8, 64), torch.zeros(128, 8)) == "plain"

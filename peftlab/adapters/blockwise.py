@@ -1,5 +1,5 @@
-"""A frozen linear layer under block-diagonal transforms folded into its weight: the training form of OFT's
-rotations and ETHER's reflections for batches of many tokens.
+"""Block-diagonal transforms around a frozen linear layer, the mechanics OFT's rotations and ETHER's reflections
+share: folded into the weight for batches of many tokens, or applied to activations by the compiled kernel.
 
     y = M_out W M_in x + b        M_in = blockdiag(A_1 … A_n),  M_out = blockdiag(B_1 … B_m)
 
@@ -16,11 +16,22 @@ the backward. It pays once a call has at least as many tokens as the layer has o
 so decoding keeps the activation form. The caller passes each block's inverse (an orthogonal block's is its
 transpose, a reflection's is itself): the gradients are as exact as those inverses. W_M is rebuilt in the
 backward rather than kept, which would cost a copy of W per layer.
+
+On the CPU in float32 the activation form runs in a compiled kernel (``peftlab.kernels``, ``blocks_cpu.cpp``),
+one read and one write of the activations per direction, for both kinds of block:
+
+    low rank   y_i = z_i + Q_i (P_iᵀ z_i − c_i)    P_i, Q_i: b × k      (ETHER k = 1, ETHER+ k = 2)
+    dense      y_i = z_i M_i                       M_i: b × b, z_i a row  (OFT)
+
+(``low_rank_blocks``, ``dense_blocks``), with gradients for P, Q, c and M that autograd carries on to the
+methods' parameters.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from peftlab.kernels import blocks_cpu
 
 
 def pays_to_fold(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -90,3 +101,54 @@ def folded_linear(x: torch.Tensor, inner: nn.Linear, blocks_in=None, inverse_in=
     """``inner`` with blockdiag(blocks_in) on its input side and blockdiag(blocks_out) on its output side
     (before the bias), folded into the weight; blocks in x's dtype."""
     return FoldedLinear.apply(x, inner.weight, inner.bias, blocks_in, inverse_in, blocks_out, inverse_out)
+
+
+class _LowRankBlocks(torch.autograd.Function):
+    """y_i = z_i + Q_i (P_iᵀ z_i − c_i) per block of the last dimension, by the compiled kernel."""
+
+    @staticmethod
+    def forward(ctx, z, p, q, c):
+        z2 = z.reshape(-1, z.shape[-1]).contiguous()
+        p, q = p.contiguous(), q.contiguous()
+        c = z2.new_empty(0) if c is None else c.contiguous()
+        ctx.save_for_backward(z2, p, q, c)
+        ctx.z_shape = z.shape
+        return blocks_cpu().lowrank_forward(z2, p, q, c).view(z.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z2, p, q, c = ctx.saved_tensors
+        need_z, _, _, need_c = ctx.needs_input_grad
+        grad_z, grad_p, grad_q, grad_c = blocks_cpu().lowrank_backward(grad.reshape(z2.shape).contiguous(), z2, p, q,
+                                                                       c, need_z)
+        return grad_z.view(ctx.z_shape) if need_z else None, grad_p, grad_q, grad_c if need_c else None
+
+
+class _DenseBlocks(torch.autograd.Function):
+    """y_i = z_i M_i per block of the last dimension (z_i a row), by the compiled kernel."""
+
+    @staticmethod
+    def forward(ctx, z, M):
+        z2 = z.reshape(-1, z.shape[-1]).contiguous()
+        M = M.contiguous()
+        ctx.save_for_backward(z2, M)
+        ctx.z_shape = z.shape
+        return blocks_cpu().dense_forward(z2, M).view(z.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        z2, M = ctx.saved_tensors
+        grad_z, grad_M = blocks_cpu().dense_backward(grad.reshape(z2.shape).contiguous(), z2, M,
+                                                     ctx.needs_input_grad[0])
+        return grad_z.view(ctx.z_shape) if ctx.needs_input_grad[0] else None, grad_M
+
+
+def low_rank_blocks(z: torch.Tensor, p: torch.Tensor, q: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """z_i + Q_i (P_iᵀ z_i − c_i) for each block i of z's last dimension; P, Q (n, b, k) with k = 1 or 2, c (n, k)
+    or None; float32 on the CPU (``blocks_fit``)."""
+    return _LowRankBlocks.apply(z, p, q, c)
+
+
+def dense_blocks(z: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """z_i M_i for each block i of z's last dimension (z_i a row); M (n, b, b); float32 on the CPU (``blocks_fit``)."""
+    return _DenseBlocks.apply(z, M)

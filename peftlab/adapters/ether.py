@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, derived, positive, register
-from peftlab.adapters.blockwise import folded_linear, worth_folding
+from peftlab.adapters.blockwise import folded_linear, low_rank_blocks, worth_folding
+from peftlab.kernels import blocks_fit
 
 SIDES = ("auto", "in", "out")
 # The weight form inverts ETHER+'s blocks; with c = û·v̂, cond(H⁺) = (1 + √(1 − c²))/(1 − √(1 − c²)) ≤ 400 for |c| ≥ 0.1.
@@ -231,6 +232,10 @@ class _BlockTransform(nn.Module):
         0.92–0.93 of the factored form's, paired). Larger blocks take the factored form.
         """
         n, b = self.u.shape
+        if blocks_fit(z):  # the compiled kernel: one pass over the tokens each way, O(d·k) per token
+            p, q = self.factors()
+            c = None if shift is None else (shift.to(p.dtype).view(n, b, 1) * p).sum(1)  # Pᵢᵀ sᵢ, (n, k)
+            return low_rank_blocks(z, p, q, c)
         if self.plus and b <= DENSE_BLOCKS_UP_TO:
             H = self.dense_blocks().to(z.dtype)
             by_block, Ht = z.reshape(-1, n, b).transpose(0, 1), H.transpose(1, 2)  # (n, tokens, b), (n, b, b)

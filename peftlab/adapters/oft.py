@@ -50,7 +50,8 @@ from torch import nn
 
 from peftlab.adapters.base import (Adapter, AdapterConfig, AdapterConfigError, derived, in_range, inference_cached,
                                    positive, register)
-from peftlab.adapters.blockwise import folded_linear, worth_folding
+from peftlab.adapters.blockwise import dense_blocks, folded_linear, worth_folding
+from peftlab.kernels import blocks_fit
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,8 @@ class OftAdapter(Adapter):
         R = R.to(x.dtype)
         if self._weight_side(x, inner):  # W·blockdiag(R)ᵀ: input blocks Rᵀ, whose inverse is R
             return folded_linear(x, inner, blocks_in=R.transpose(1, 2), inverse_in=R.detach())
+        if blocks_fit(x, self.block_size):  # the compiled kernel: x_r R_r for each block, one pass over the tokens each way
+            return inner(dense_blocks(x, R))
         blocks = x.reshape(*x.shape[:-1], self.n_blocks, self.block_size)
         return inner(torch.einsum("...nk,nkc->...nc", blocks, R).reshape(x.shape))
 

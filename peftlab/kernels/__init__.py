@@ -1,14 +1,18 @@
-"""Compiled CPU kernels for the products eager PyTorch runs slowly: LoRA's rank-r products.
+"""Compiled CPU kernels for the work eager PyTorch runs slowly: LoRA's rank-r products, and the block-diagonal
+transforms of activations of ETHER, ETHER+ and OFT.
 
 LoRA adds six thin products to a layer (``lora_cpu.cpp`` lists them), each with one side of r columns.
 MKL runs those at a quarter to half of its rate on the layer's own GEMMs, one call per product, each
 reading its tokens × features operand again; they were three quarters of what LoRA's training step cost
 above the frozen base (docs/benchmarks.md). ``lora_cpu.cpp`` does them in one pass over the tokens, 2-3×
-faster per layer. It is built on first use by torch's C++ extension loader (a C++ compiler and ninja) for
-this CPU's vector width and cached under ``$PEFTLAB_CACHE/kernels``; the first build takes 15-30 s.
+faster per layer. ``blocks_cpu.cpp`` does the same for the block transforms, which PyTorch runs as several
+elementwise passes or batched products with layout copies either side: one read and one write of the
+activations per direction.
 
-Where it cannot be built, or with ``PEFTLAB_KERNELS=0``, LoRA uses PyTorch's products, with the same
-values up to float rounding (one warning says why).
+Each is built on first use by torch's C++ extension loader (a C++ compiler and ninja) for this CPU's vector
+width and cached under ``$PEFTLAB_CACHE/kernels``; the first build takes 15-30 s. Where one cannot be built,
+or with ``PEFTLAB_KERNELS=0``, the methods use PyTorch's operations, with the same values up to float rounding
+(one warning says why).
 """
 from __future__ import annotations
 
@@ -21,18 +25,17 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("lora_cpu.cpp")
-RANKS = (8, 16, 32, 64)  # the kernel is compiled for each (its loops over r unroll); other ranks use PyTorch
+RANKS = (8, 16, 32, 64)  # the LoRA kernel is compiled for each (its loops over r unroll); other ranks use PyTorch
+DENSE_BLOCK_SIZES = (16, 32, 48, 64)  # the dense block kernel is compiled for each (its b × b loops unroll)
 
 # Vector instructions for the build, by what ATen found on this CPU (never -march=native: a cache shared by
 # machines of one kind but different steppings would hold code some of them cannot run).
 _FLAGS = {"AVX512": ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 
-@functools.cache
-def lora_cpu():
-    """The compiled LoRA kernels (``forward``, ``backward``), or None where they are switched off or cannot
-    be built."""
+def _build(name: str, what: str, fallback: str):
+    """The extension compiled from ``name``.cpp beside this file, or None (with one warning) where it cannot be
+    built, or where kernels are switched off."""
     if os.environ.get("PEFTLAB_KERNELS", "1") == "0":
         return None
     from torch.utils import cpp_extension
@@ -42,19 +45,34 @@ def lora_cpu():
     _find_ninja()
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _FLAGS.get(capability, [])
-    build = cache_dir() / "kernels" / f"lora_cpu_{capability.lower()}"
+    build = cache_dir() / "kernels" / f"{name}_{capability.lower()}"
     try:
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):  # the first use on this machine: say why the first step takes longer
-            print(f"peftlab: building the CPU LoRA kernel into {build} (once, 15-30 s)", file=sys.stderr, flush=True)
-        return cpp_extension.load(f"peftlab_lora_cpu_{capability.lower()}", [str(SOURCE)], build_directory=str(build),
-                                  extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+            print(f"peftlab: building the {what} into {build} (once, 15-30 s)", file=sys.stderr, flush=True)
+        return cpp_extension.load(f"peftlab_{name}_{capability.lower()}", [str(Path(__file__).with_name(f"{name}.cpp"))],
+                                  build_directory=str(build), extra_cflags=["-O3", "-fopenmp", *flags],
+                                  extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a read-only cache: the PyTorch form still works
-        reason = " ".join(str(err).split())[:200]
-        warnings.warn(f"peftlab: the CPU LoRA kernel could not be built ({reason}); LoRA uses PyTorch's products "
-                      "(slower). Install a C++ compiler and ninja, or set PEFTLAB_KERNELS=0 to silence this",
-                      stacklevel=3)
+        errors = [line for line in str(err).splitlines() if "error" in line.lower() and "building extension" not in line]
+        reason = " ".join((errors[0] if errors else str(err)).split())[:200]  # the compiler's first error, not its command
+        warnings.warn(f"peftlab: the {what} could not be built ({reason}); {fallback} (slower). Install a C++ "
+                      "compiler and ninja, or set PEFTLAB_KERNELS=0 to silence this", stacklevel=4)
         return None
+
+
+@functools.cache
+def lora_cpu():
+    """The compiled LoRA kernels (``forward``, ``backward``), or None where they are switched off or cannot
+    be built."""
+    return _build("lora_cpu", "CPU LoRA kernel", "LoRA uses PyTorch's products")
+
+
+@functools.cache
+def blocks_cpu():
+    """The compiled block-transform kernels (``lowrank_forward``/``backward``, ``dense_forward``/``backward``),
+    or None where they are switched off or cannot be built."""
+    return _build("blocks_cpu", "CPU block-transform kernel", "ETHER and OFT use PyTorch's operations")
 
 
 def _find_ninja() -> None:
@@ -74,3 +92,10 @@ def lora_fits(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> bo
     r, in_features = lora_A.shape
     return (x.device.type == "cpu" and x.dtype == lora_A.dtype == torch.float32 and r in RANKS
             and in_features % 16 == 0 and lora_B.shape[0] % 16 == 0 and lora_cpu() is not None)
+
+
+def blocks_fit(z: torch.Tensor, dense_block_size: int | None = None) -> bool:
+    """Whether the block kernel takes these activations: float32 on the CPU; for dense blocks, of a size it is
+    compiled for (the low-rank ones: any size)."""
+    return (z.device.type == "cpu" and z.dtype == torch.float32
+            and (dense_block_size is None or dense_block_size in DENSE_BLOCK_SIZES) and blocks_cpu() is not None)

@@ -1,0 +1,155 @@
+"""The compiled CPU kernel for block-diagonal transforms of activations (ETHER, ETHER+, OFT): values and gradients
+against float64 autograd, the methods' layers and a whole model the same with and without it, and the fallback."""
+import pytest
+import torch
+
+import peftlab.kernels as kernels
+from conftest import randomize_adapters
+from peftlab.adapters import EtherConfig, EtherPlusConfig, EtherPlusHHConfig, OftConfig
+from peftlab.adapters.blockwise import dense_blocks, low_rank_blocks
+from peftlab.inject import add_adapter
+from peftlab.models import tiny_model
+
+needs_kernel = pytest.mark.skipif(kernels.blocks_cpu() is None, reason="the CPU block-transform kernel could not be "
+                                  "built here (no C++ compiler or ninja; see the warning): ETHER and OFT use PyTorch")
+KERNEL_SWITCHES = ("peftlab.adapters.ether.blocks_fit", "peftlab.adapters.oft.blocks_fit")
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+# Blocks under 16 features, between 16 and 32, of exactly 16, over 32; one token, odd token counts, one block.
+LOW_RANK_SHAPES = [(37, 32, 18), (5, 32, 6), (64, 32, 48), (3, 4, 5), (1, 3, 7), (2, 1, 33), (9, 2, 16)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("tokens, n, b", LOW_RANK_SHAPES)
+@pytest.mark.parametrize("with_c", [True, False])
+def test_low_rank_blocks_match_float64_autograd(k, tokens, n, b, with_c):
+    """y_i = z_i + Q_i (P_iᵀ z_i − c_i) and the gradients of z, P, Q and c, against the same formula in float64."""
+    generator = torch.Generator().manual_seed(tokens * 100 + n * 10 + b + k)
+    z, p, q = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in ((tokens, n * b), (n, b, k), (n, b, k)))
+    c = torch.randn(n, k, generator=generator, dtype=torch.float64) if with_c else None
+    grad = torch.randn(tokens, n * b, generator=generator, dtype=torch.float64)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (z, p, q) + ((c,) if with_c else ())]
+        if dtype == torch.float64:  # the reference: plain autograd through einsum
+            zb = leaves[0].view(tokens, n, b)
+            a = torch.einsum("tnb,nbk->tnk", zb, leaves[1]) - (leaves[3] if with_c else 0)
+            y = leaves[0] + torch.einsum("tnk,nbk->tnb", a, leaves[2]).reshape(tokens, n * b)
+        else:
+            y = low_rank_blocks(*leaves, *(() if with_c else (None,)))
+        y.backward(grad.to(dtype))
+        results.append([y.detach()] + [t.grad for t in leaves])
+    for ours, reference in zip(results[1], results[0]):
+        assert _relative(ours, reference) < 2e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens, n, b", [(37, 18, 32), (9, 3, 16), (5, 2, 48), (1, 3, 64), (8, 1, 32)])
+def test_dense_blocks_match_float64_autograd(tokens, n, b):
+    generator = torch.Generator().manual_seed(tokens + n + b)
+    z, M = torch.randn(tokens, n * b, generator=generator, dtype=torch.float64), torch.randn(n, b, b, generator=generator, dtype=torch.float64)
+    grad = torch.randn(tokens, n * b, generator=generator, dtype=torch.float64)
+    results = []
+    for dtype in (torch.float64, torch.float32):
+        zl, Ml = z.detach().to(dtype).requires_grad_(), M.detach().to(dtype).requires_grad_()
+        if dtype == torch.float64:
+            y = torch.einsum("tnb,nbc->tnc", zl.view(tokens, n, b), Ml).reshape(tokens, n * b)
+        else:
+            y = dense_blocks(zl, Ml)
+        y.backward(grad.to(dtype))
+        results.append((y.detach(), zl.grad, Ml.grad))
+    for ours, reference in zip(results[1], results[0]):
+        assert _relative(ours, reference) < 2e-6
+
+
+@needs_kernel
+def test_no_input_gradient_asked_none_computed():
+    z, p = torch.randn(4, 36), torch.randn(2, 18, 2, requires_grad=True)
+    low_rank_blocks(z, p, -p, None).sum().backward()
+    assert z.grad is None and p.grad is not None and p.grad.abs().sum() > 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", [EtherConfig(n_blocks=4, side="out"), EtherConfig(n_blocks=4, side="in"),
+                                    EtherPlusConfig(n_blocks=4, side="out"), EtherPlusHHConfig(n_blocks=8),
+                                    OftConfig(block_size=16)], ids=lambda c: f"{c.method}-{getattr(c, 'side', '')}")
+def test_a_layer_with_a_bias_is_the_same_with_and_without_the_kernel(monkeypatch, config):
+    """Output and the gradients of x, the bias and the adapter's parameters, through the kernel and through PyTorch's
+    operations; the output transform's bias shift (H(z − b) + b) included. 8 tokens: the activation form."""
+    from peftlab.adapters.base import method_class
+
+    results = []
+    for use_kernel in (True, False):
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(64, 96).requires_grad_(False)
+        linear.bias.requires_grad_(True)
+        adapter = method_class(config.method)(config, 64, 96, "layer.o_proj")
+        adapter.reset_parameters(torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            for parameter in adapter.parameters():
+                parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
+        for switch in KERNEL_SWITCHES:
+            monkeypatch.setattr(switch, kernels.blocks_fit if use_kernel else (lambda *args: False))
+        x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        y = adapter(x, linear)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)))
+        grads = {"x": x.grad, "bias": linear.bias.grad, **{n: p.grad for n, p in adapter.named_parameters()}}
+        results.append((y.detach(), grads))
+    (y_k, grads_k), (y_p, grads_p) = results
+    assert _relative(y_k, y_p) < 1e-6
+    assert grads_k.keys() == grads_p.keys()
+    for name, grad in grads_p.items():
+        assert _relative(grads_k[name], grad) < 1e-5, name
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", [EtherPlusConfig(n_blocks=4), EtherConfig(n_blocks=4, target_modules="all-linear"),
+                                    OftConfig(block_size=16)], ids=lambda c: c.method)
+def test_a_model_trains_the_same_with_and_without_the_block_kernel(monkeypatch, config):
+    """Loss and every adapter gradient of a tiny model with the adapter on all its linear layers."""
+    tokens = torch.randint(4, 262, (3, 40), generator=torch.Generator().manual_seed(2))
+    results = []
+    for use_kernel in (True, False):
+        model = tiny_model(seed=0)
+        add_adapter(model, config, seed=0)
+        randomize_adapters(model, std=0.05)
+        for switch in KERNEL_SWITCHES:
+            monkeypatch.setattr(switch, kernels.blocks_fit if use_kernel else (lambda *args: False))
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_k, grads_k), (loss_p, grads_p) = results
+    assert abs(loss_k - loss_p) <= 1e-5 * abs(loss_p)
+    assert grads_k.keys() == grads_p.keys() and len(grads_k) >= 14
+    for name, grad in grads_p.items():
+        assert _relative(grads_k[name], grad) < 1e-4, name
+
+
+def test_dense_blocks_of_other_sizes_use_pytorch(monkeypatch):
+    assert not kernels.blocks_fit(torch.zeros(2, 40), dense_block_size=20)
+    assert not kernels.blocks_fit(torch.zeros(2, 32, dtype=torch.float64))
+
+
+@needs_kernel
+def test_the_block_kernel_refuses_what_it_cannot_take():
+    """Called directly (not through ``blocks_fit``), the kernel checks its inputs instead of reading out of bounds."""
+    kernel, p = kernels.blocks_cpu(), torch.zeros(4, 8, 1)
+    with pytest.raises(RuntimeError, match="the width 30 is not the blocks' 4 × 8"):
+        kernel.lowrank_forward(torch.zeros(3, 30), p, p, torch.zeros(0))
+    with pytest.raises(RuntimeError, match=r"P and Q of shape \(blocks, b, k\), k = 1 or 2"):
+        kernel.lowrank_forward(torch.zeros(3, 32), torch.zeros(4, 8, 3), torch.zeros(4, 8, 3), torch.zeros(0))
+    with pytest.raises(RuntimeError, match=r"c of shape \(blocks, k\)"):
+        kernel.lowrank_forward(torch.zeros(3, 32), p, p, torch.zeros(3, 1))
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors"):
+        kernel.lowrank_forward(torch.zeros(32, 3).t(), p, p, torch.zeros(0))
+    with pytest.raises(RuntimeError, match="gradient's shape differs"):
+        kernel.lowrank_backward(torch.zeros(2, 32), torch.zeros(3, 32), p, p, torch.zeros(0), True)
+    with pytest.raises(RuntimeError, match="dense blocks of 16, 32, 48 or 64, not 8"):
+        kernel.dense_forward(torch.zeros(3, 32), torch.zeros(4, 8, 8))
+    with pytest.raises(RuntimeError, match=r"blocks of shape \(n, b, b\) with n·b the width 32"):
+        kernel.dense_forward(torch.zeros(3, 32), torch.zeros(1, 16, 16))
