@@ -153,3 +153,22 @@ def test_the_block_kernel_refuses_what_it_cannot_take():
         kernel.dense_forward(torch.zeros(3, 32), torch.zeros(4, 8, 8))
     with pytest.raises(RuntimeError, match=r"blocks of shape \(n, b, b\) with n·b the width 32"):
         kernel.dense_forward(torch.zeros(3, 32), torch.zeros(1, 16, 16))
+
+
+@needs_kernel
+def test_the_kernels_use_torch_s_thread_count():
+    """Per-thread gradient buffers sized by torch.get_num_threads(): one thread and the default give the same sums."""
+    generator = torch.Generator().manual_seed(5)
+    z, grad = torch.randn(33, 72, generator=generator), torch.randn(33, 72, generator=generator)
+    p, M = torch.randn(4, 18, 2, generator=generator), torch.randn(3, 16, 16, generator=generator)
+    kernel, threads = kernels.blocks_cpu(), torch.get_num_threads()
+    results = []
+    try:
+        for count in (threads, 1):
+            torch.set_num_threads(count)
+            results.append([*kernel.lowrank_backward(grad, z, p, p, torch.zeros(0), True)[:3],
+                            *kernel.dense_backward(grad[:, :48].contiguous(), z[:, :48].contiguous(), M, True)])
+    finally:
+        torch.set_num_threads(threads)
+    for many, one in zip(*results):
+        assert _relative(many, one) < 1e-6

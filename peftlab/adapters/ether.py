@@ -20,9 +20,10 @@ except on the attention q/k/v, whose fused 3-D parameter had fan_in = n·b (the 
 angular step size, so it is kept). ETHER therefore starts at a random reflection, not at the base
 model (‖H − I‖_F = 2 per block); ETHER+ sets v = −u, so H⁺ = I exactly at the start.
 
-Training applies H to activations, never building a dense d×d matrix: H z = z + Q(Pᵀz) per block, O(d)
-per token for ETHER; ETHER+ multiplies by its b × b blocks, O(d·b), which is faster on CPU for b ≤ 64
-(``apply``). On batches of many tokens, the blocks are folded into the weight instead, H_out W H_in built
+Training applies H to activations, never building a dense d×d matrix: H z = z + Q(Pᵀz) per block, O(d·k)
+per token. On the CPU in float32 a compiled kernel does it in one pass over the tokens each way
+(``blockwise.low_rank_blocks``); elsewhere ETHER broadcasts its vector and ETHER+ multiplies by its b × b
+blocks, O(d·b), which PyTorch runs faster than the rank-2 products for b ≤ 64 (``apply``). On batches of many tokens, the blocks are folded into the weight instead, H_out W H_in built
 per call from the b×b blocks (``peftlab.adapters.blockwise``, same values), whose backward needs each
 block's inverse: ETHER's reflection is its own; ETHER+'s comes from the Woodbury identity below, and
 where some block is near singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used.
@@ -224,7 +225,8 @@ class _BlockTransform(nn.Module):
     def apply(self, z: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
         """H (z − shift) + shift on the last dimension; ``shift`` is the bias an output transform skips.
 
-        Block i of a token: z_i + Q_i (P_iᵀ (z_i − shift_i)), in the faster of two forms on CPU. ETHER's single
+        Block i of a token: z_i + Q_i (P_iᵀ (z_i − shift_i)): by the compiled kernel where it fits (float32 on
+        the CPU; the shift enters as c_i = P_iᵀ shift_i), else in the faster of two PyTorch forms. ETHER's single
         vector broadcasts, O(b) per block. ETHER+'s blocks of up to ``DENSE_BLOCKS_UP_TO`` features are
         multiplied as dense b × b matrices, one batched product, O(b²) per block: MKL runs the factored
         form's rank-2 products (N = 2) at a few GFLOP/s, so the dense product is faster up to b ≈ 64

@@ -24,7 +24,9 @@ here so that PEFT's default OFT adapters import and export exactly; the exact tr
 
 Training speed: on batches of many tokens the rotation is folded into the weight, W·blockdiag(R)ᵀ built
 per call, instead of rotating every token's blocks (``peftlab.adapters.blockwise``; same values, the
-gradient of R using RᵀR = I, so only for the exact transform). Decoding keeps the rotation on activations,
+gradient of R using RᵀR = I, so only for the exact transform). Other calls rotate activations: on the CPU in
+float32, with b = 16, 32, 48 or 64, by a compiled kernel in one pass over the tokens each way
+(``blockwise.dense_blocks``), elsewhere by one einsum. Decoding keeps the rotation on activations,
 with R solved once and reused while autograd is off and θ unchanged; in training, the layers' rotations are
 solved together, one batched call per forward pass (``base.derived``).
 

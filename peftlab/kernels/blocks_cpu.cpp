@@ -146,7 +146,7 @@ torch::Tensor lowrank_forward(torch::Tensor z, torch::Tensor Pb, torch::Tensor Q
   const float *P = Pp.data(), *Q = Qp.data(), *C = c.numel() ? c.data_ptr<float>() : nullptr;
   const Rows Z(z.data_ptr<float>(), M, d);
   float* Y = y.data_ptr<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t t = 0; t < M; ++t) lowrank_forward_row<K>(g, Z[t], Y + t * d, P, Q, C, d);
   return y;
 }
@@ -192,7 +192,7 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
                                             torch::Tensor c, bool need_z) {
   const int64_t M = z.size(0), d = z.size(1);
   const Blocks g(d, Pb.size(1));
-  const int threads = omp_get_max_threads();
+  const int threads = at::get_num_threads();  // torch.set_num_threads applies here too
   const auto Pp = padded_copy<K>(Pb, g), Qp = padded_copy<K>(Qb, g);
   const int64_t stride = K * g.n * g.padded;
   std::vector<float> grad_P(threads * stride, 0.f), grad_Q(threads * stride, 0.f), grad_c(threads * g.n * K, 0.f);
@@ -200,7 +200,7 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
   const float *P = Pp.data(), *Q = Qp.data(), *C = c.numel() ? c.data_ptr<float>() : nullptr;
   const Rows Z(z.data_ptr<float>(), M, d), G(grad.data_ptr<float>(), M, d);
   float* GZ = need_z ? grad_z.data_ptr<float>() : nullptr;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     const int me = omp_get_thread_num();
     float *dP = grad_P.data() + me * stride, *dQ = grad_Q.data() + me * stride, *dc = grad_c.data() + me * g.n * K;
@@ -224,7 +224,7 @@ torch::Tensor dense_forward(torch::Tensor z, torch::Tensor Mt) {
   auto y = torch::empty_like(z);
   const float *Z = z.data_ptr<float>(), *Mp = Mt.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t t = 0; t < rows; ++t) {
     for (int64_t i = 0; i < n; ++i) {
       const float *zi = Z + t * d + i * b, *m = Mp + i * b * b;
@@ -243,10 +243,10 @@ template <int NV>
 torch::Tensor dense_weight_grad(torch::Tensor grad, torch::Tensor z, int64_t n) {
   constexpr int64_t b = NV * W16;
   const int64_t rows = z.size(0), d = z.size(1);
-  const int threads = omp_get_max_threads();
+  const int threads = at::get_num_threads();  // torch.set_num_threads applies here too
   auto grad_M = torch::zeros({threads, n, b, b}, z.options());
   const float *G = grad.data_ptr<float>(), *Z = z.data_ptr<float>();
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     float* dM = grad_M.data_ptr<float>() + omp_get_thread_num() * n * b * b;
 #pragma omp for schedule(static)

@@ -86,7 +86,7 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor A, torch::Tensor Bt, torch:
   auto h = torch::empty({M, R}, x.options());
   const float *X = x.data_ptr<float>(), *Ap = A.data_ptr<float>(), *Bp = Bt.data_ptr<float>();
   float *Y = y.data_ptr<float>(), *H = h.data_ptr<float>();
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t i = 0; i < M; i += 2) {
     dots<R>(X + i * K, X + (i + 1) * K, i + 1 < M, Ap, K, 1.0f, H + i * R, H + (i + 1) * R);
     for (int64_t a = i; a < std::min(i + 2, M); ++a) {
@@ -108,9 +108,9 @@ std::vector<torch::Tensor> backward(torch::Tensor g, torch::Tensor x, torch::Ten
   const float *G = g.data_ptr<float>(), *X = x.data_ptr<float>(), *H = h.data_ptr<float>();
   const float *Ap = A.data_ptr<float>(), *Bp = Bt.data_ptr<float>();
   float* GX = grad_x.numel() ? grad_x.data_ptr<float>() : nullptr;
-  const int threads = omp_get_max_threads();
+  const int threads = at::get_num_threads();  // torch.set_num_threads applies here too
   auto grad_A = torch::zeros({threads, R, K}, x.options()), grad_Bt = torch::zeros({threads, R, N}, x.options());
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     float* dA = grad_A.data_ptr<float>() + omp_get_thread_num() * R * K;
     float* dBt = grad_Bt.data_ptr<float>() + omp_get_thread_num() * R * N;
