@@ -23,10 +23,11 @@ model (‖H − I‖_F = 2 per block); ETHER+ sets v = −u, so H⁺ = I exactly
 Training applies H to activations, never building a dense d×d matrix: H z = z + Q(Pᵀz) per block, O(d·k)
 per token. On the CPU in float32 a compiled kernel does it in one pass over the tokens each way
 (``blockwise.low_rank_blocks``); elsewhere ETHER broadcasts its vector and ETHER+ multiplies by its b × b
-blocks, O(d·b), which PyTorch runs faster than the rank-2 products for b ≤ 64 (``apply``). On batches of many tokens, the blocks are folded into the weight instead, H_out W H_in built
-per call from the b×b blocks (``peftlab.adapters.blockwise``, same values), whose backward needs each
-block's inverse: ETHER's reflection is its own; ETHER+'s comes from the Woodbury identity below, and
-where some block is near singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used.
+blocks, O(d·b), which PyTorch runs faster than the rank-2 products for b ≤ 64 (``apply``). On batches of
+many tokens, the blocks are folded into the weight instead, H_out W H_in built per call from the b×b blocks
+(``peftlab.adapters.blockwise``, same values), whose backward needs each block's inverse: ETHER's
+reflection is its own; ETHER+'s comes from the Woodbury identity below, and where some block is near
+singular (|û·v̂| < 0.1, cond(H⁺) > 400) the activation form is used.
 û, v̂ and the blocks are derived from u, v by ``base.derived``: in training, for all layers of the adapter in
 one batched call per forward pass; while autograd is off (generation, evaluation), once, until u or v changes.
 

@@ -19,11 +19,11 @@
 // parameter gradients are summed per thread and added up at the end.
 //
 // Layouts (checked by the entry points): float32, contiguous; z as rows × d, P and Q as n × b × k, c as n × k, M
-// as n × b × b with b a multiple of 16 up to 64. Any block size for the low-rank transform: a block is read in
-// chunks of 16 features, the last one masked, against copies of P and Q padded with zeros to whole chunks. A chunk may read past its block into the
-// next ones (masked out) and write past it (the next blocks, done later by the same thread, write their own
-// values there); a chunk that would pass the row's end writes only its block's features, and the last row of the
-// tensor is read from a padded copy, so nothing outside a row's own memory is written or read outside the tensors.
+// as n × b × b with b = 16, 32, 48 or 64. Any block size for the low-rank transform: a block is read in chunks
+// of 16 features, the last one masked, against copies of P and Q padded with zeros to whole chunks. A chunk may
+// read past its block into the next ones (masked out) and write past it (the next blocks, done later by the
+// same thread, write their own values there); a chunk that would pass the row's end writes only its block's
+// features, and the last row of the tensor is read from a padded copy: nothing outside the tensors is touched.
 #include <torch/extension.h>
 #include <omp.h>
 
