@@ -6,6 +6,7 @@ import torch
 import peftlab.kernels as kernels
 from conftest import randomize_adapters
 from peftlab.adapters import EtherConfig, EtherPlusConfig, EtherPlusHHConfig, OftConfig
+from peftlab.adapters.base import method_class
 from peftlab.adapters.blockwise import dense_blocks, low_rank_blocks
 from peftlab.inject import add_adapter
 from peftlab.models import tiny_model
@@ -81,8 +82,6 @@ def test_no_input_gradient_asked_none_computed():
 def test_a_layer_with_a_bias_is_the_same_with_and_without_the_kernel(monkeypatch, config):
     """Output and the gradients of x, the bias and the adapter's parameters, through the kernel and through PyTorch's
     operations; the output transform's bias shift (H(z − b) + b) included. 8 tokens: the activation form."""
-    from peftlab.adapters.base import method_class
-
     results = []
     for use_kernel in (True, False):
         torch.manual_seed(0)
@@ -130,7 +129,7 @@ def test_a_model_trains_the_same_with_and_without_the_block_kernel(monkeypatch, 
         assert _relative(grads_k[name], grad) < 1e-4, name
 
 
-def test_dense_blocks_of_other_sizes_use_pytorch(monkeypatch):
+def test_dense_blocks_of_other_sizes_use_pytorch():
     assert not kernels.blocks_fit(torch.zeros(2, 40), dense_block_size=20)
     assert not kernels.blocks_fit(torch.zeros(2, 32, dtype=torch.float64))
 

@@ -57,8 +57,8 @@ inline v16 keep_first(v16 v, int64_t count) {  // lanes ≥ count set to zero
 // The blocks' geometry: n blocks of b features, each read as ``chunks`` chunks of 16, the last holding ``tail``.
 struct Blocks {
   int64_t n, b, chunks, tail, padded;  // padded = 16·chunks, the stride of the padded copies of P, Q, ∂P, ∂Q
-  Blocks(int64_t d, int64_t b_) : n(d / b_), b(b_), chunks((b_ + W16 - 1) / W16), tail(b_ - ((b_ + W16 - 1) / W16 - 1) * W16),
-                                   padded(((b_ + W16 - 1) / W16) * W16) {}
+  Blocks(int64_t d, int64_t b_)
+      : n(d / b_), b(b_), chunks((b_ + W16 - 1) / W16), tail(b_ - (chunks - 1) * W16), padded(chunks * W16) {}
   v16 read(const float* block, int64_t chunk) const {  // chunk of a block, zero past its end
     const v16 v = load(block + chunk * W16);
     return chunk == chunks - 1 ? keep_first(v, tail) : v;
