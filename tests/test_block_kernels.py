@@ -1,5 +1,5 @@
-"""The compiled CPU kernel for block-diagonal transforms of activations (ETHER, ETHER+, OFT): values and gradients
-against float64 autograd, the methods' layers and a whole model the same with and without it, and the fallback."""
+"""The compiled CPU kernel for block-diagonal transforms of activations (ETHER, ETHER+, OFT) and OFT's Cayley
+transform: values and gradients against float64 autograd, the methods' layers and a whole model the same with and without it, and the fallback."""
 import pytest
 import torch
 
@@ -13,7 +13,15 @@ from peftlab.models import tiny_model
 
 needs_kernel = pytest.mark.skipif(kernels.blocks_cpu() is None, reason="the CPU block-transform kernel could not be "
                                   "built here (no C++ compiler or ninja; see the warning): ETHER and OFT use PyTorch")
-KERNEL_SWITCHES = ("peftlab.adapters.ether.blocks_fit", "peftlab.adapters.oft.blocks_fit")
+# Where the methods ask whether the kernel applies, and the real answer.
+KERNEL_SWITCHES = {"peftlab.adapters.ether.blocks_fit": kernels.blocks_fit,
+                   "peftlab.adapters.oft.blocks_fit": kernels.blocks_fit,
+                   "peftlab.adapters.oft.cayley_fits": kernels.cayley_fits}
+
+
+def use_block_kernel(monkeypatch, on: bool) -> None:
+    for switch, answer in KERNEL_SWITCHES.items():
+        monkeypatch.setattr(switch, answer if on else (lambda *args: False))
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,8 +100,7 @@ def test_a_layer_with_a_bias_is_the_same_with_and_without_the_kernel(monkeypatch
         with torch.no_grad():
             for parameter in adapter.parameters():
                 parameter.add_(0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(2)))
-        for switch in KERNEL_SWITCHES:
-            monkeypatch.setattr(switch, kernels.blocks_fit if use_kernel else (lambda *args: False))
+        use_block_kernel(monkeypatch, use_kernel)
         x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
         y = adapter(x, linear)
         y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)))
@@ -117,8 +124,7 @@ def test_a_model_trains_the_same_with_and_without_the_block_kernel(monkeypatch, 
         model = tiny_model(seed=0)
         add_adapter(model, config, seed=0)
         randomize_adapters(model, std=0.05)
-        for switch in KERNEL_SWITCHES:
-            monkeypatch.setattr(switch, kernels.blocks_fit if use_kernel else (lambda *args: False))
+        use_block_kernel(monkeypatch, use_kernel)
         loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
@@ -129,9 +135,33 @@ def test_a_model_trains_the_same_with_and_without_the_block_kernel(monkeypatch, 
         assert _relative(grads_k[name], grad) < 1e-4, name
 
 
+@needs_kernel
+@pytest.mark.parametrize("b", [2, 5, 16, 17, 32, 48, 64])
+@pytest.mark.parametrize("scale", [1e-4, 0.1, 3.0])
+def test_cayley_kernel_matches_float64(b, scale):
+    """R = (I − S)(I + S)⁻¹ per block and ∂θ, against a float64 solve and its autograd, near S = 0 (where OFT
+    starts), and far from it (‖S‖ ≫ 1: elimination without pivoting stays exact to rounding)."""
+    generator = torch.Generator().manual_seed(b)
+    theta = scale * torch.randn(6, b * (b - 1) // 2, generator=generator, dtype=torch.float64)
+    grad = torch.randn(6, b, b, generator=generator, dtype=torch.float64)
+    theta64 = theta.clone().requires_grad_()
+    rows, cols = torch.triu_indices(b, b, 1)
+    S = torch.zeros(6, b, b, dtype=torch.float64)
+    S[:, rows, cols] = theta64
+    S = S - S.transpose(-2, -1)
+    eye = torch.eye(b, dtype=torch.float64)
+    reference = torch.linalg.solve(eye + S, eye - S, left=False)
+    reference.backward(grad)
+    kernel = kernels.blocks_cpu()
+    R = kernel.cayley_forward(theta.float(), b)
+    assert (R.double() - reference).abs().max() <= 2e-7  # rounded once from float64
+    assert _relative(kernel.cayley_backward(grad.float(), R), theta64.grad) < 1e-5
+
+
 def test_dense_blocks_of_other_sizes_use_pytorch():
     assert not kernels.blocks_fit(torch.zeros(2, 40), dense_block_size=20)
     assert not kernels.blocks_fit(torch.zeros(2, 32, dtype=torch.float64))
+    assert not kernels.cayley_fits(torch.zeros(2, 65 * 32), 65)
 
 
 @needs_kernel
@@ -152,6 +182,14 @@ def test_the_block_kernel_refuses_what_it_cannot_take():
         kernel.dense_forward(torch.zeros(3, 32), torch.zeros(4, 8, 8))
     with pytest.raises(RuntimeError, match=r"blocks of shape \(n, b, b\) with n·b the width 32"):
         kernel.dense_forward(torch.zeros(3, 32), torch.zeros(1, 16, 16))
+    with pytest.raises(RuntimeError, match="rotation blocks of 2 to 64, not 65"):
+        kernel.cayley_forward(torch.zeros(3, 65 * 32), 65)
+    with pytest.raises(RuntimeError, match=r"θ of shape \(blocks, b\(b−1\)/2\) for blocks of size b = 8"):
+        kernel.cayley_forward(torch.zeros(3, 27), 8)
+    with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors"):
+        kernel.cayley_forward(torch.zeros(3, 28, dtype=torch.float64), 8)
+    with pytest.raises(RuntimeError, match=r"R and its gradient of shape \(blocks, b, b\)"):
+        kernel.cayley_backward(torch.zeros(3, 8, 8), torch.zeros(3, 8, 7))
 
 
 @needs_kernel

@@ -53,7 +53,7 @@ from torch import nn
 from peftlab.adapters.base import (Adapter, AdapterConfig, AdapterConfigError, derived, in_range, inference_cached,
                                    positive, register)
 from peftlab.adapters.blockwise import dense_blocks, folded_linear, worth_folding
-from peftlab.kernels import blocks_fit
+from peftlab.kernels import blocks_cpu, blocks_fit, cayley_fits
 
 
 @dataclass(frozen=True)
@@ -106,10 +106,30 @@ def cayley(theta: torch.Tensor, block_size: int, triu: torch.Tensor) -> torch.Te
     """R = (I − S)(I + S)⁻¹ = 2(I + S)⁻¹ − I for each block; in fp32, shape (n, b, b).
 
     The second form needs one inverse X = (I + S)⁻¹, whose gradient is two products (∂S = −2 Xᵀ G Xᵀ for
-    ∂R = G), where a solve's backward solves again (−20 % per training call; paired step 0.96)."""
+    ∂R = G), where a solve's backward solves again (−20 % per training call; paired step 0.96). On the CPU,
+    for blocks of up to 64, the compiled kernel does both directions one block at a time in cache (``_Cayley``)."""
+    if cayley_fits(theta, block_size):
+        return _Cayley.apply(theta.float(), block_size)
     S = skew(theta, block_size, triu)
     eye = torch.eye(block_size, device=theta.device)
     return 2 * _InverseOfIdentityPlus.apply(S) - eye
+
+
+class _Cayley(torch.autograd.Function):
+    """R from θ by the compiled kernel (``blocks_cpu.cpp``): per block, S from θ, (I + S)⁻¹ by elimination, and in
+    the backward ∂θ from ∂R and R alone (X = (R + I)/2), where PyTorch makes a dozen passes over every layer's
+    blocks at once (−45 ms of OFT's 1.8 s training step on the embedded model)."""
+
+    @staticmethod
+    def forward(ctx, theta, block_size):
+        R = blocks_cpu().cayley_forward(theta.contiguous(), block_size)
+        ctx.save_for_backward(R)
+        return R
+
+    @staticmethod
+    def backward(ctx, grad):
+        (R,) = ctx.saved_tensors
+        return blocks_cpu().cayley_backward(grad.contiguous(), R), None
 
 
 class _InverseOfIdentityPlus(torch.autograd.Function):

@@ -1,5 +1,5 @@
 """Compiled CPU kernels for the work eager PyTorch runs slowly: LoRA's rank-r products, and the block-diagonal
-transforms of activations of ETHER, ETHER+ and OFT.
+transforms of activations of ETHER, ETHER+ and OFT (and OFT's Cayley transform of its parameters).
 
 LoRA adds six thin products to a layer (``lora_cpu.cpp`` lists them), each with one side of r columns.
 MKL runs those at a quarter to half of its rate on the layer's own GEMMs, one call per product, each
@@ -27,6 +27,7 @@ import torch
 
 RANKS = (8, 16, 32, 64)  # the LoRA kernel is compiled for each (its loops over r unroll); other ranks use PyTorch
 DENSE_BLOCK_SIZES = (16, 32, 48, 64)  # the dense block kernel is compiled for each (its b × b loops unroll)
+CAYLEY_MAX_BLOCK = 64  # OFT's Cayley transform in the kernel: blocks of 2 to 64 (a block's rows in registers)
 
 # Vector instructions for the build, by what ATen found on this CPU (never -march=native: a cache shared by
 # machines of one kind but different steppings would hold code some of them cannot run).
@@ -70,8 +71,8 @@ def lora_cpu():
 
 @functools.cache
 def blocks_cpu():
-    """The compiled block-transform kernels (``lowrank_forward``/``backward``, ``dense_forward``/``backward``),
-    or None where they are switched off or cannot be built."""
+    """The compiled block-transform kernels (``lowrank_forward``/``backward``, ``dense_forward``/``backward``,
+    ``cayley_forward``/``backward``), or None where they are switched off or cannot be built."""
     return _build("blocks_cpu", "CPU block-transform kernel", "ETHER and OFT use PyTorch's operations")
 
 
@@ -99,3 +100,9 @@ def blocks_fit(z: torch.Tensor, dense_block_size: int | None = None) -> bool:
     compiled for (the low-rank ones: any size)."""
     return (z.device.type == "cpu" and z.dtype == torch.float32
             and (dense_block_size is None or dense_block_size in DENSE_BLOCK_SIZES) and blocks_cpu() is not None)
+
+
+def cayley_fits(theta: torch.Tensor, block_size: int) -> bool:
+    """Whether the block kernel takes OFT's Cayley transform of these parameters: on the CPU, blocks of 2 to 64
+    (in any dtype: the transform runs in float32, as PyTorch's form does)."""
+    return theta.device.type == "cpu" and 2 <= block_size <= CAYLEY_MAX_BLOCK and blocks_cpu() is not None

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -37,6 +38,9 @@ typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 r
 typedef float v16u __attribute__((vector_size(64), aligned(4)));  // the same at any float's address
 typedef float v8 __attribute__((vector_size(32)));
 typedef int i16 __attribute__((vector_size(64)));
+typedef double d8 __attribute__((vector_size(64)));  // 8 doubles
+typedef double d8u __attribute__((vector_size(64), aligned(8)));
+typedef long long l8 __attribute__((vector_size(64)));
 constexpr int64_t W16 = 16;
 constexpr int RB = 8;  // rows per step of the dense backward's outer products (∂M loaded and stored once per RB rows)
 
@@ -44,6 +48,8 @@ constexpr int RB = 8;  // rows per step of the dense backward's outer products (
 // otherwise be reloaded from memory after every store.
 inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
 inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+inline d8 loadd(const double* p) { return *reinterpret_cast<const d8u*>(p); }
+inline void stored(double* p, d8 v) { *reinterpret_cast<d8u*>(p) = v; }
 inline float hsum(v16 v) {  // a tree of halves: 4 additions where a lane-by-lane sum has 15 in a chain
   const v8 s = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -279,6 +285,88 @@ torch::Tensor dense_dispatch_forward(torch::Tensor z, torch::Tensor M) {
   TORCH_CHECK(false, "peftlab's block kernel takes dense blocks of 16, 32, 48 or 64, not ", M.size(1));
 }
 
+// -- OFT's rotations from their parameters, one block at a time in cache -------------------------------------------
+// θ_r holds the b(b−1)/2 entries above the diagonal of S_r, row by row (torch.triu_indices(b, b, 1)'s order):
+//
+//   S_r = triu(θ_r) − triu(θ_r)ᵀ        X_r = (I + S_r)⁻¹        R_r = 2 X_r − I = (I − S_r)(I + S_r)⁻¹
+//   ∂S_r = −2 X_rᵀ G_r X_rᵀ = −½ Y_r G_r Y_r,  Y_r = R_rᵀ + I  (X_r = (R_r + I)/2)      ∂θ_r: above the diagonal
+//                                                                                      of ∂S_r − ∂S_rᵀ
+//
+// with G_r = ∂L/∂R_r, so the backward needs only R. PyTorch runs this as a dozen passes over the stack of every
+// layer's blocks (19 MB for OFT on all linear layers of the embedded model); here each block is built, inverted
+// and differentiated while it sits in L1. I + S is inverted by Gauss–Jordan elimination without pivoting, which
+// is stable here: the symmetric part of I + S is I, that of every Schur complement stays ⪰ I, so no pivot is
+// below 1 and no entry grows past what the inverse holds (singular values of X are ≤ 1).
+
+// A block of b ≤ 64 features is worked on as B × B, B = 16·NV ≥ b, in thread-local scratch: S padded with zeros,
+// so I + S is blockdiag(I + S, I), its inverse blockdiag(X, I), and G padded with zeros gives ∂S padded with zeros.
+template <int NV>
+struct CayleyBlock {
+  static constexpr int64_t B = NV * W16;
+  double A[B * B];
+  float X[B * B], Y[B * B], T[B * B];
+
+  // C = A M for the first ``rows`` rows of B × B row-major A and C, one row of C at a time in registers.
+  static void product(const float* A, const float* M, float* C, int64_t rows) {
+    for (int64_t i = 0; i < rows; ++i) {
+      v16 acc[NV] = {};
+      for (int64_t k = 0; k < B; ++k) {
+        for (int v = 0; v < NV; ++v) acc[v] += A[i * B + k] * load(M + k * B + v * W16);
+      }
+      for (int v = 0; v < NV; ++v) store(C + i * B + v * W16, acc[v]);
+    }
+  }
+
+  // R = 2 (I + S)⁻¹ − I, S from θ, eliminated in float64 and rounded once (in float32 the diagonal, near 1, would
+  // collect a rounding per step: 7e-7 where the float64 route gives 6e-8).
+  void forward(const float* theta, float* R, int64_t b) {
+    std::fill(A, A + B * B, 0.0);
+    for (int64_t i = 0, at = 0; i < B; ++i) {
+      A[i * B + i] = 1.0;
+      for (int64_t j = i + 1; j < b; ++j, ++at) {
+        A[i * B + j] = theta[at];
+        A[j * B + i] = -theta[at];
+      }
+    }
+    const l8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int64_t k = 0; k < b; ++k) {  // Gauss–Jordan in place: A becomes (I + S)⁻¹ (rows past b stay I's)
+      const double p = 1.0 / A[k * B + k];
+      d8 sweep[2 * NV];  // row k, scaled, as subtracted from the others (lane k: p + 1); stored with lane k: p
+      for (int v = 0; v < 2 * NV; ++v) {
+        const d8 e = lane + static_cast<long long>(v * 8) == static_cast<long long>(k) ? d8{} + 1.0 : d8{};
+        const d8 scaled = loadd(A + k * B + v * 8) * p;  // lane k: 1
+        stored(A + k * B + v * 8, scaled + (p - 1.0) * e);
+        sweep[v] = scaled + p * e;
+      }
+      for (int64_t i = 0; i < b; ++i) {  // row i −= A_ik · row k, and A_ik becomes −A_ik p
+        if (i == k) continue;
+        const double f = A[i * B + k];
+        for (int v = 0; v < 2 * NV; ++v) stored(A + i * B + v * 8, loadd(A + i * B + v * 8) - f * sweep[v]);
+      }
+    }
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t j = 0; j < b; ++j) R[i * b + j] = static_cast<float>(2.0 * A[i * B + j] - (i == j ? 1.0 : 0.0));
+    }
+  }
+
+  // ∂θ from G = ∂L/∂R and R.
+  void backward(const float* R, const float* G, float* dtheta, int64_t b) {
+    std::fill(Y, Y + B * B, 0.f);
+    std::fill(X, X + B * B, 0.f);  // G, padded
+    for (int64_t i = 0; i < b; ++i) {
+      for (int64_t j = 0; j < b; ++j) {
+        Y[i * B + j] = R[j * b + i] + (i == j ? 1.f : 0.f);
+        X[i * B + j] = G[i * b + j];
+      }
+    }
+    product(X, Y, T, B);  // T = G Y (rows past b: zero)
+    product(Y, T, X, b);  // X = Y G Y = −2 ∂S
+    for (int64_t i = 0, at = 0; i < b; ++i) {
+      for (int64_t j = i + 1; j < b; ++j, ++at) dtheta[at] = -0.5f * (X[i * B + j] - X[j * B + i]);
+    }
+  }
+};
+
 }  // namespace
 
 static void check(std::initializer_list<torch::Tensor> tensors) {
@@ -337,9 +425,66 @@ std::vector<torch::Tensor> dense_bwd(torch::Tensor grad, torch::Tensor z, torch:
   TORCH_CHECK(false, "peftlab's block kernel takes dense blocks of 16, 32, 48 or 64, not ", M.size(1));
 }
 
+template <int NV>
+torch::Tensor cayley_forward(torch::Tensor theta, int64_t b) {
+  const int64_t n = theta.size(0), half = theta.size(1);
+  auto R = torch::empty({n, b, b}, theta.options());
+  const float* Th = theta.data_ptr<float>();
+  float* Rp = R.data_ptr<float>();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    auto block = std::make_unique<CayleyBlock<NV>>();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) block->forward(Th + r * half, Rp + r * b * b, b);
+  }
+  return R;
+}
+
+template <int NV>
+torch::Tensor cayley_backward(torch::Tensor grad, torch::Tensor R) {
+  const int64_t n = R.size(0), b = R.size(1), half = b * (b - 1) / 2;
+  auto dtheta = torch::empty({n, half}, R.options());
+  const float *Rp = R.data_ptr<float>(), *G = grad.data_ptr<float>();
+  float* dT = dtheta.data_ptr<float>();
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    auto block = std::make_unique<CayleyBlock<NV>>();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < n; ++r) block->backward(Rp + r * b * b, G + r * b * b, dT + r * half, b);
+  }
+  return dtheta;
+}
+
+torch::Tensor cayley_fwd(torch::Tensor theta, int64_t b) {
+  check({theta});
+  TORCH_CHECK(b >= 2 && b <= 64, "peftlab's block kernel takes rotation blocks of 2 to 64, not ", b);
+  TORCH_CHECK(theta.dim() == 2 && theta.size(1) == b * (b - 1) / 2,
+              "peftlab's block kernel takes θ of shape (blocks, b(b−1)/2) for blocks of size b = ", b);
+  switch ((b + W16 - 1) / W16) {
+    case 1: return cayley_forward<1>(theta, b);
+    case 2: return cayley_forward<2>(theta, b);
+    case 3: return cayley_forward<3>(theta, b);
+    default: return cayley_forward<4>(theta, b);
+  }
+}
+
+torch::Tensor cayley_bwd(torch::Tensor grad, torch::Tensor R) {
+  check({grad, R});
+  TORCH_CHECK(R.dim() == 3 && R.size(1) == R.size(2) && R.size(1) >= 2 && R.size(1) <= 64 && grad.sizes() == R.sizes(),
+              "peftlab's block kernel takes R and its gradient of shape (blocks, b, b), b = 2 to 64");
+  switch ((R.size(1) + W16 - 1) / W16) {
+    case 1: return cayley_backward<1>(grad, R);
+    case 2: return cayley_backward<2>(grad, R);
+    case 3: return cayley_backward<3>(grad, R);
+    default: return cayley_backward<4>(grad, R);
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_forward", &lowrank_fwd, "y_i = z_i + Q_i (P_iᵀ z_i − c_i) per block, P and Q (n × b × k)");
   m.def("lowrank_backward", &lowrank_bwd, "(∂z, ∂P, ∂Q, ∂c) of the low-rank block transform");
   m.def("dense_forward", &dense_fwd, "y_i = z_i M_i per block of b features (b = 16, 32, 48 or 64), M (n × b × b)");
   m.def("dense_backward", &dense_bwd, "(∂z, ∂M) of the dense block transform");
+  m.def("cayley_forward", &cayley_fwd, "R = (I − S)(I + S)⁻¹ per block, S skew from θ (blocks × b(b−1)/2)");
+  m.def("cayley_backward", &cayley_bwd, "∂θ of the Cayley transform from ∂R and R");
 }
