@@ -250,11 +250,13 @@ torch::Tensor dense_weight_grad(torch::Tensor grad, torch::Tensor z, int64_t n) 
   constexpr int64_t b = NV * W16;
   const int64_t rows = z.size(0), d = z.size(1);
   const int threads = at::get_num_threads();  // torch.set_num_threads applies here too
-  auto grad_M = torch::zeros({threads, n, b, b}, z.options());
+  auto grad_M = torch::zeros({n, b, b}, z.options());  // the first thread's sum; the others' beside it
+  std::vector<float> others((threads - 1) * n * b * b, 0.f);
   const float *G = grad.data_ptr<float>(), *Z = z.data_ptr<float>();
 #pragma omp parallel num_threads(threads)
   {
-    float* dM = grad_M.data_ptr<float>() + omp_get_thread_num() * n * b * b;
+    const int me = omp_get_thread_num();
+    float* dM = me == 0 ? grad_M.data_ptr<float>() : others.data() + (me - 1) * n * b * b;
 #pragma omp for schedule(static)
     for (int64_t t0 = 0; t0 < rows; t0 += RB) {
       const int64_t count = std::min<int64_t>(RB, rows - t0);
@@ -272,7 +274,11 @@ torch::Tensor dense_weight_grad(torch::Tensor grad, torch::Tensor z, int64_t n) 
       }
     }
   }
-  return grad_M.sum(0);
+  float* sum = grad_M.data_ptr<float>();
+  for (int th = 1; th < threads; ++th) {
+    for (int64_t x = 0; x < n * b * b; ++x) sum[x] += others[(th - 1) * n * b * b + x];
+  }
+  return grad_M;
 }
 
 torch::Tensor dense_dispatch_forward(torch::Tensor z, torch::Tensor M) {
