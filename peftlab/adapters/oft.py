@@ -28,7 +28,8 @@ gradient of R using RᵀR = I, so only for the exact transform). Other calls rot
 float32, with b = 16, 32, 48 or 64, by a compiled kernel in one pass over the tokens each way
 (``blockwise.dense_blocks``), elsewhere by one einsum. Decoding keeps the rotation on activations,
 with R solved once and reused while autograd is off and θ unchanged; in training, the layers' rotations are
-solved together, one batched call per forward pass (``base.derived``).
+solved together, one batched call per forward pass (``base.derived``), on the CPU by the same kernel, which
+builds, inverts and differentiates each block in cache (``_Cayley``).
 
 Everything follows PEFT's ``OFTRotationModule`` (parameter layout, Cayley sign, orientation, series,
 COFT projection), so an adapter exchanges with PEFT as a renaming. Deliberate
@@ -118,7 +119,7 @@ def cayley(theta: torch.Tensor, block_size: int, triu: torch.Tensor) -> torch.Te
 class _Cayley(torch.autograd.Function):
     """R from θ by the compiled kernel (``blocks_cpu.cpp``): per block, S from θ, (I + S)⁻¹ by elimination, and in
     the backward ∂θ from ∂R and R alone (X = (R + I)/2), where PyTorch makes a dozen passes over every layer's
-    blocks at once (−45 ms of OFT's 1.8 s training step on the embedded model)."""
+    blocks at once (OFT's training step on the embedded model: 1.16× → 1.11× the base's, paired)."""
 
     @staticmethod
     def forward(ctx, theta, block_size):
