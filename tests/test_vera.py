@@ -147,6 +147,36 @@ def test_parity_with_peft_vera(adapted, tokens):
             params[f"base_model.model.{name}.vera_lambda_b.default"].copy_(a.lambda_b)
             params[f"base_model.model.{name}.vera_lambda_d.default"].copy_(a.lambda_d)
     assert (logits(theirs, tokens) - logits(adapted, tokens)).abs().max() <= 1e-5
+    theirs(tokens, labels=tokens).loss.backward()  # and the same gradients, through our written-out backward
+    adapted(tokens, labels=tokens).loss.backward()
+    for name, a in veras(adapted):
+        for ours, key in ((a.lambda_b, "vera_lambda_b"), (a.lambda_d, "vera_lambda_d")):
+            expected = params[f"base_model.model.{name}.{key}.default"].grad
+            assert (ours.grad - expected).abs().max() <= 1e-4 * expected.abs().max(), (name, key)
+
+
+def test_written_out_backward_equals_autograd_of_eq2():
+    """``_Branch``'s backward (b and d scaling the projections, not the activations) against autograd through Eq. 2
+    in float64, on a layer smaller than the shared projections (their slices): output, ∂x, ∂bias, ∂b, ∂d."""
+    config = VeraConfig(r=8, projection_seed=5).bind({"l": (48, 80), "m": (64, 96)})
+    adapter = VeraAdapter(config, 48, 80, "l").double()
+    linear = torch.nn.Linear(48, 80).double().requires_grad_(False)
+    linear.bias.requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        adapter.lambda_b.normal_(generator=generator)
+        adapter.lambda_d.normal_(generator=generator)
+    x = torch.randn(3, 5, 48, dtype=torch.float64, generator=generator, requires_grad=True)
+    grad = torch.randn(3, 5, 80, dtype=torch.float64, generator=generator)
+    A, B = (t.double() for t in adapter.projections())
+    b, d = adapter.lambda_b, adapter.lambda_d
+    inputs = (x, linear.bias, b, d)
+    reference = linear(x) + b * (((x @ A[:, :48].t()) * d) @ B[:80].t())
+    expected = torch.autograd.grad(reference, inputs, grad)
+    out = adapter(x, linear)
+    assert (out - reference).abs().max() <= 1e-12
+    for ours, theirs, name in zip(torch.autograd.grad(out, inputs, grad), expected, ("x", "bias", "b", "d")):
+        assert (ours - theirs).abs().max() <= 1e-12 * theirs.abs().max(), name
 
 
 def test_peft_loads_our_export(adapted, tokens, tmp_path):

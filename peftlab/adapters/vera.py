@@ -18,7 +18,9 @@ write them (``save_projection=True``). The merge computes ΔW in float32 on ever
 The branch y = B Λ_d A x is formed and Λ_b scales it as the output accumulates (one elementwise pass), so
 backward finds ∂b = Σ_tokens ∂h ⊙ y from the kept y (∂h: the output's gradient). Folding Λ_b into B
 instead keeps no y but needs ∂(Λ_b B) = ∂hᵀ (Λ_d A x), a third rank-r product per layer: the whole step
-7 % slower for 8 % less peak memory on the embedded model (docs/benchmarks.md, 2026-11-30).
+7 % slower for 8 % less peak memory on the embedded model (docs/benchmarks.md, 2026-11-30). The backward is
+written out (``_Branch``): Λ_b and Λ_d scale the projections (r × features) instead of the activations'
+gradients (tokens × features).
 """
 from __future__ import annotations
 
@@ -95,6 +97,34 @@ def _projections(seed, r, max_in, max_out, device, dtype):
         return kaiming_uniform((r, max_in)), kaiming_uniform((max_out, r))  # A first, then B
 
 
+class _Branch(torch.autograd.Function):
+    """W0 x + Λ_b B Λ_d A x for a batch of tokens, given W0 x; the shared A and B are constants.
+
+    Forward u = A x, y = (B Λ_d) u, out = W0 x + b ⊙ y; with g the output's gradient, backward
+
+        ∂b = Σ g ⊙ y      w = (Λ_b B)ᵀ g      ∂d = Σ w ⊙ u      ∂x = (Λ_d A)ᵀ w
+
+    (sums over the tokens). b and d scale the r × features projections, not the tokens × features activations
+    and gradients as autograd of the forward would, and only u and y are kept (autograd kept Λ_d u too)."""
+
+    @staticmethod
+    def forward(ctx, result, x2, A, B, b, d):
+        u = x2 @ A.t()
+        y = u @ (B * d).t()
+        ctx.save_for_backward(u, y, A, B, b, d)
+        return torch.addcmul(result, y, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, y, A, B, b, d = ctx.saved_tensors
+        need_result, need_x, _, _, need_b, need_d = ctx.needs_input_grad
+        w = grad @ (B * b[:, None]) if need_x or need_d else None
+        grad_b = (grad * y).sum(0) if need_b else None
+        grad_d = (w * u).sum(0) if need_d else None
+        grad_x = w @ (A * d[:, None]) if need_x else None
+        return grad if need_result else None, grad_x, None, None, grad_b, grad_d
+
+
 @register
 class VeraAdapter(Adapter):
     config_class = VeraConfig
@@ -129,8 +159,7 @@ class VeraAdapter(Adapter):
         A, B = A[:, :self.in_features], B[:self.out_features]
         b, d = self.lambda_b.to(result.dtype), self.lambda_d.to(result.dtype)
         x2 = self.dropout(self.branch(x)).reshape(-1, self.in_features)
-        y = ((x2 @ A.t()) * d) @ B.t()  # B Λ_d A x, (tokens × out)
-        return result.reshape(-1, self.out_features).addcmul(y, b).view(result.shape)  # W0 x + Λ_b y
+        return _Branch.apply(result.reshape(-1, self.out_features), x2, A, B, b, d).view(result.shape)
 
     def delta_weight(self):  # ΔW = Λ_b B_s Λ_d A_s, in float32 (merged_weight casts to the weight's dtype)
         A, B = self.projections()
