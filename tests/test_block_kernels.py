@@ -16,7 +16,8 @@ needs_kernel = pytest.mark.skipif(kernels.blocks_cpu() is None, reason="the CPU 
 # Where the methods ask whether the kernel applies, and the real answer.
 KERNEL_SWITCHES = {"peftlab.adapters.ether.blocks_fit": kernels.blocks_fit,
                    "peftlab.adapters.oft.blocks_fit": kernels.blocks_fit,
-                   "peftlab.adapters.oft.cayley_fits": kernels.cayley_fits}
+                   "peftlab.adapters.oft.cayley_fits": kernels.cayley_fits,
+                   "peftlab.adapters.blockwise.blocks_fit": kernels.blocks_fit}  # the weight form's products
 
 
 def use_block_kernel(monkeypatch, on: bool) -> None:

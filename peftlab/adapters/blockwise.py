@@ -24,14 +24,15 @@ one read and one write of the activations per direction, for both kinds of block
     dense      y_i = z_i M_i                       M_i: b × b, z_i a row  (OFT)
 
 (``low_rank_blocks``, ``dense_blocks``), with gradients for P, Q, c and M that autograd carries on to the
-methods' parameters.
+methods' parameters. The weight form uses the dense kernel too where its blocks fit it (OFT's): W M_in as
+W's rows transformed like tokens, and the backward's block products as the kernel's ∂M.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from peftlab.kernels import blocks_cpu
+from peftlab.kernels import blocks_cpu, blocks_fit
 
 
 def pays_to_fold(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -56,7 +57,10 @@ def folded_weight_t(weight: torch.Tensor, blocks_in: torch.Tensor | None,
         w = torch.bmm(blocks_out, w.reshape(m, b, -1)).view(w.shape)
     if blocks_in is None:
         return w.t()
-    n, b, _ = blocks_in.shape  # row block i of (W M_in)ᵀ: A_iᵀ (Wᵀ)_i
+    n, b, _ = blocks_in.shape
+    if blocks_fit(w, b):  # the rows of W M_in: each row's blocks times A_i, as the kernel does for tokens
+        return blocks_cpu().dense_forward(w.contiguous(), blocks_in.contiguous()).t()
+    # row block i of (W M_in)ᵀ: A_iᵀ (Wᵀ)_i
     return torch.bmm(blocks_in.transpose(1, 2), w.t().view(n, b, -1)).view(n * b, -1)
 
 
@@ -64,6 +68,8 @@ def _block_products(left: torch.Tensor, right: torch.Tensor, blocks: int) -> tor
     """(blocks, b, b): block i of leftᵀ right, both (tokens × blocks·b)."""
     tokens, width = left.shape
     b = width // blocks
+    if blocks_fit(left, b):  # the kernel's ∂M_i = Σ_t z_iᵀ g_i, with z = left and g = right (M: only its shape)
+        return blocks_cpu().dense_backward(right.contiguous(), left.contiguous(), left.new_empty(blocks, b, b), False)[1]
     return torch.bmm(left.view(tokens, blocks, b).permute(1, 2, 0), right.view(tokens, blocks, b).transpose(0, 1))
 
 
