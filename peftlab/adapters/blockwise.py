@@ -69,7 +69,8 @@ def _block_products(left: torch.Tensor, right: torch.Tensor, blocks: int) -> tor
     tokens, width = left.shape
     b = width // blocks
     if blocks_fit(left, b):  # the kernel's ∂M_i = Σ_t z_iᵀ g_i, with z = left and g = right (M: only its shape)
-        return blocks_cpu().dense_backward(right.contiguous(), left.contiguous(), left.new_empty(blocks, b, b), False)[1]
+        shape_only = left.new_empty(blocks, b, b)
+        return blocks_cpu().dense_backward(right.contiguous(), left.contiguous(), shape_only, False)[1]
     return torch.bmm(left.view(tokens, blocks, b).permute(1, 2, 0), right.view(tokens, blocks, b).transpose(0, 1))
 
 
