@@ -244,9 +244,10 @@ torch::Tensor dense_forward(torch::Tensor z, torch::Tensor Mt) {
   return y;
 }
 
-// ∂M_i = Σ_t z_iᵀ g_i (the caller gets ∂z as dense_forward(g, Mᵀ)).
+// ∂M_i = Σ_t z_iᵀ g_i, and where ``GZ`` is given ∂z_i = g_i M_iᵀ (``Mt``: the blocks transposed), in one pass over
+// the rows: RB rows at a time, block by block, so that the rows' g_i are read from memory once for both.
 template <int NV>
-torch::Tensor dense_weight_grad(torch::Tensor grad, torch::Tensor z, int64_t n) {
+torch::Tensor dense_backward(torch::Tensor grad, torch::Tensor z, const float* Mt, float* GZ, int64_t n) {
   constexpr int64_t b = NV * W16;
   const int64_t rows = z.size(0), d = z.size(1);
   const int threads = at::get_num_threads();  // torch.set_num_threads applies here too
@@ -270,6 +271,16 @@ torch::Tensor dense_weight_grad(torch::Tensor grad, torch::Tensor z, int64_t n) 
             for (int v = 0; v < NV; ++v) acc[v] += zj * load(G + t * d + i * b + v * W16);
           }
           for (int v = 0; v < NV; ++v) store(dr + v * W16, acc[v]);
+        }
+        if (!GZ) continue;
+        for (int64_t t = t0; t < t0 + count; ++t) {  // ∂z_i = Σ_j g_i[j] · (row j of M_iᵀ)
+          const float* gi = G + t * d + i * b;
+          const float* m = Mt + i * b * b;
+          v16 acc[NV] = {};
+          for (int64_t j = 0; j < b; ++j) {
+            for (int v = 0; v < NV; ++v) acc[v] += gi[j] * load(m + j * b + v * W16);
+          }
+          for (int v = 0; v < NV; ++v) store(GZ + t * d + i * b + v * W16, acc[v]);
         }
       }
     }
@@ -422,12 +433,15 @@ std::vector<torch::Tensor> dense_bwd(torch::Tensor grad, torch::Tensor z, torch:
   check_dense(z, M);
   check({grad});
   TORCH_CHECK(grad.sizes() == z.sizes(), "peftlab's block kernel: the gradient's shape differs from the input's");
-  auto grad_z = need_z ? dense_dispatch_forward(grad, M.transpose(1, 2).contiguous()) : torch::empty({0}, z.options());
+  const auto Mt = need_z ? M.transpose(1, 2).contiguous() : M;
+  auto grad_z = need_z ? torch::empty_like(z) : torch::empty({0}, z.options());
+  const float* mt = Mt.data_ptr<float>();
+  float* gz = need_z ? grad_z.data_ptr<float>() : nullptr;
   switch (M.size(1)) {
-    case 16: return {grad_z, dense_weight_grad<1>(grad, z, M.size(0))};
-    case 32: return {grad_z, dense_weight_grad<2>(grad, z, M.size(0))};
-    case 48: return {grad_z, dense_weight_grad<3>(grad, z, M.size(0))};
-    case 64: return {grad_z, dense_weight_grad<4>(grad, z, M.size(0))};
+    case 16: return {grad_z, dense_backward<1>(grad, z, mt, gz, M.size(0))};
+    case 32: return {grad_z, dense_backward<2>(grad, z, mt, gz, M.size(0))};
+    case 48: return {grad_z, dense_backward<3>(grad, z, mt, gz, M.size(0))};
+    case 64: return {grad_z, dense_backward<4>(grad, z, mt, gz, M.size(0))};
   }
   TORCH_CHECK(false, "peftlab's block kernel takes dense blocks of 16, 32, 48 or 64, not ", M.size(1));
 }
