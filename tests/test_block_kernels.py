@@ -75,6 +75,9 @@ def test_dense_blocks_match_float64_autograd(tokens, n, b):
         results.append((y.detach(), zl.grad, Ml.grad))
     for ours, reference in zip(results[1], results[0]):
         assert _relative(ours, reference) < 2e-6
+    # the weight form's block products, block i of zᵀ grad: the same sums as ∂M
+    products = kernels.blocks_cpu().dense_products(z.float(), grad.float(), b)
+    assert _relative(products, results[0][2]) < 2e-6
 
 
 @needs_kernel
@@ -183,6 +186,10 @@ def test_the_block_kernel_refuses_what_it_cannot_take():
         kernel.dense_forward(torch.zeros(3, 32), torch.zeros(4, 8, 8))
     with pytest.raises(RuntimeError, match=r"blocks of shape \(n, b, b\) with n·b the width 32"):
         kernel.dense_forward(torch.zeros(3, 32), torch.zeros(1, 16, 16))
+    with pytest.raises(RuntimeError, match=r"two \(tokens, n·b\) tensors of the same shape, b = 16"):
+        kernel.dense_products(torch.zeros(3, 32), torch.zeros(2, 32), 16)
+    with pytest.raises(RuntimeError, match="dense blocks of 16, 32, 48 or 64, not 8"):
+        kernel.dense_products(torch.zeros(3, 32), torch.zeros(3, 32), 8)
     with pytest.raises(RuntimeError, match="rotation blocks of 2 to 64, not 65"):
         kernel.cayley_forward(torch.zeros(3, 65 * 32), 65)
     with pytest.raises(RuntimeError, match=r"θ of shape \(blocks, b\(b−1\)/2\) for blocks of size b = 8"):

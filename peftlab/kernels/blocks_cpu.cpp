@@ -222,24 +222,28 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
   return {grad_z, unpadded_sum<K>(grad_P, threads, g, z), unpadded_sum<K>(grad_Q, threads, g, z), sum_c};
 }
 
+// out = zi m for one block: a row zi of b = 16·NV features times the b × b block m, the outputs in registers.
+template <int NV>
+inline void block_times(const float* zi, const float* m, float* out) {
+  constexpr int64_t b = NV * W16;
+  v16 acc[NV] = {};
+  for (int64_t j = 0; j < b; ++j) {  // out += zi[j] · (row j of m)
+    for (int v = 0; v < NV; ++v) acc[v] += zi[j] * load(m + j * b + v * W16);
+  }
+  for (int v = 0; v < NV; ++v) store(out + v * W16, acc[v]);
+}
+
 // y_i = z_i M_i for every row (z_i a row of b = 16·NV features).
 template <int NV>
-torch::Tensor dense_forward(torch::Tensor z, torch::Tensor Mt) {
+torch::Tensor dense_forward(torch::Tensor z, torch::Tensor M) {
   constexpr int64_t b = NV * W16;
-  const int64_t rows = z.size(0), d = z.size(1), n = Mt.size(0);
+  const int64_t rows = z.size(0), d = z.size(1), n = M.size(0);
   auto y = torch::empty_like(z);
-  const float *Z = z.data_ptr<float>(), *Mp = Mt.data_ptr<float>();
+  const float *Z = z.data_ptr<float>(), *Mp = M.data_ptr<float>();
   float* Y = y.data_ptr<float>();
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t t = 0; t < rows; ++t) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float *zi = Z + t * d + i * b, *m = Mp + i * b * b;
-      v16 acc[NV] = {};
-      for (int64_t j = 0; j < b; ++j) {  // y_i += z_i[j] · (row j of M_i)
-        for (int v = 0; v < NV; ++v) acc[v] += zi[j] * load(m + j * b + v * W16);
-      }
-      for (int v = 0; v < NV; ++v) store(Y + t * d + i * b + v * W16, acc[v]);
-    }
+    for (int64_t i = 0; i < n; ++i) block_times<NV>(Z + t * d + i * b, Mp + i * b * b, Y + t * d + i * b);
   }
   return y;
 }
@@ -273,14 +277,8 @@ torch::Tensor dense_backward(torch::Tensor grad, torch::Tensor z, const float* M
           for (int v = 0; v < NV; ++v) store(dr + v * W16, acc[v]);
         }
         if (!GZ) continue;
-        for (int64_t t = t0; t < t0 + count; ++t) {  // ∂z_i = Σ_j g_i[j] · (row j of M_iᵀ)
-          const float* gi = G + t * d + i * b;
-          const float* m = Mt + i * b * b;
-          v16 acc[NV] = {};
-          for (int64_t j = 0; j < b; ++j) {
-            for (int v = 0; v < NV; ++v) acc[v] += gi[j] * load(m + j * b + v * W16);
-          }
-          for (int v = 0; v < NV; ++v) store(GZ + t * d + i * b + v * W16, acc[v]);
+        for (int64_t t = t0; t < t0 + count; ++t) {  // ∂z_i = g_i M_iᵀ
+          block_times<NV>(G + t * d + i * b, Mt + i * b * b, GZ + t * d + i * b);
         }
       }
     }
@@ -446,6 +444,20 @@ std::vector<torch::Tensor> dense_bwd(torch::Tensor grad, torch::Tensor z, torch:
   TORCH_CHECK(false, "peftlab's block kernel takes dense blocks of 16, 32, 48 or 64, not ", M.size(1));
 }
 
+torch::Tensor dense_products(torch::Tensor left, torch::Tensor right, int64_t b) {
+  check({left, right});
+  TORCH_CHECK(left.dim() == 2 && left.sizes() == right.sizes() && b > 0 && left.size(1) % b == 0,
+              "peftlab's block kernel takes two (tokens, n·b) tensors of the same shape, b = ", b);
+  const int64_t n = left.size(1) / b;
+  switch (b) {  // block i of leftᵀ right is the dense backward's ∂M_i with z = left, g = right
+    case 16: return dense_backward<1>(right, left, nullptr, nullptr, n);
+    case 32: return dense_backward<2>(right, left, nullptr, nullptr, n);
+    case 48: return dense_backward<3>(right, left, nullptr, nullptr, n);
+    case 64: return dense_backward<4>(right, left, nullptr, nullptr, n);
+  }
+  TORCH_CHECK(false, "peftlab's block kernel takes dense blocks of 16, 32, 48 or 64, not ", b);
+}
+
 template <int NV>
 torch::Tensor cayley_forward(torch::Tensor theta, int64_t b) {
   const int64_t n = theta.size(0), half = theta.size(1);
@@ -506,6 +518,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowrank_backward", &lowrank_bwd, "(∂z, ∂P, ∂Q, ∂c) of the low-rank block transform");
   m.def("dense_forward", &dense_fwd, "y_i = z_i M_i per block of b features (b = 16, 32, 48 or 64), M (n × b × b)");
   m.def("dense_backward", &dense_bwd, "(∂z, ∂M) of the dense block transform");
+  m.def("dense_products", &dense_products, "block i of leftᵀ right for blocks of b = 16, 32, 48 or 64 features");
   m.def("cayley_forward", &cayley_fwd, "R = (I − S)(I + S)⁻¹ per block, S skew from θ (blocks × b(b−1)/2)");
   m.def("cayley_backward", &cayley_bwd, "∂θ of the Cayley transform from ∂R and R");
 }
