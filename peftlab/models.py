@@ -245,7 +245,7 @@ def base_identity(model) -> dict:
         "hidden_size": getattr(config, "hidden_size", None),
         "num_hidden_layers": getattr(config, "num_hidden_layers", None),
         "vocab_size": int(embedding.shape[0]),
-        "fingerprint": _fingerprint(model, lambda sample: torch.signbit(sample).to(torch.uint8)),
+        "fingerprint": _fingerprint(model, _signs),
     }
 
 
@@ -253,9 +253,13 @@ def base_fingerprints(model) -> tuple[str, ...]:
     """The fingerprints that identify ``model`` as a base: ``base_identity``'s, then those peftlab recorded
     before 2026-12-01 (the slice's values rounded to bf16, directly or through fp16 as in a model loaded in
     fp16), so that older adapters still load."""
-    return (base_identity(model)["fingerprint"],
+    return (_fingerprint(model, _signs),
             _fingerprint(model, lambda sample: sample.to(torch.bfloat16).view(torch.int16)),
             _fingerprint(model, lambda sample: sample.half().to(torch.bfloat16).view(torch.int16)))
+
+
+def _signs(sample: torch.Tensor) -> torch.Tensor:
+    return torch.signbit(sample).to(torch.uint8)
 
 
 def _fingerprint(model, digits: Callable[[torch.Tensor], torch.Tensor]) -> str:

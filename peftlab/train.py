@@ -397,8 +397,10 @@ def train(model: nn.Module, train_data: Sequence[dict], config: TrainConfig, *, 
     start_step, history = 0, []
     checkpoint = latest_checkpoint(output_dir) if resume else None
     if checkpoint is not None:  # before run.json and metrics.jsonl are rewritten: a refusal changes nothing
+        from peftlab.models import base_fingerprints
+
         start_step, history = _load_checkpoint(checkpoint, named_trainable, optimizers, rank, base,
-                                               _base_fingerprints(model))
+                                               base_fingerprints(model) if base is not None else ())
     elif resume:
         accelerator.print(f"no checkpoint in {output_dir}/checkpoints: starting from step 0")
     wrapped, *optimizers = accelerator.prepare(model, *optimizers)
@@ -549,16 +551,6 @@ def _base_identity(model: nn.Module) -> dict | None:
         return base_identity(model)
     except (AttributeError, NotImplementedError):
         return None
-
-
-def _base_fingerprints(model: nn.Module) -> tuple[str, ...]:
-    """``models.base_fingerprints`` of the model being trained (none where ``_base_identity`` is None)."""
-    from peftlab.models import base_fingerprints
-
-    try:
-        return base_fingerprints(model)
-    except (AttributeError, NotImplementedError):
-        return ()
 
 
 def _save_checkpoint(output_dir: Path, step: int, named_trainable, optimizers, history, config, accelerator,
