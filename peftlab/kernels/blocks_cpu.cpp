@@ -14,16 +14,15 @@
 //
 // PyTorch runs each of these as several passes over the tokens (products, sums, broadcasts, and for the batched
 // products a (blocks, tokens, b) copy of the activations either side); on this CPU those passes over
-// cache-cold activations cost far more than their arithmetic. Here each row is read once per direction: the
-// forward reads z and writes y, the backward reads z and g and writes ∂z. Threads split the rows; the
-// parameter gradients are summed per thread and added up at the end.
+// cache-cold activations cost far more than their arithmetic. Here each row is read from memory once per
+// direction: the forward reads z and writes y, the backward reads z and g and writes ∂z (the low-rank transform
+// works on groups of 16 rows, read a second time from cache). Threads split the rows; the parameter gradients
+// are summed per thread and added up at the end.
 //
 // Layouts (checked by the entry points): float32, contiguous; z as rows × d, P and Q as n × b × k, c as n × k, M
-// as n × b × b with b = 16, 32, 48 or 64. Any block size for the low-rank transform: a block is read in chunks
-// of 16 features, the last one masked, against copies of P and Q padded with zeros to whole chunks. A chunk may
-// read past its block into the next ones (masked out) and write past it (the next blocks, done later by the
-// same thread, write their own values there); a chunk that would pass the row's end writes only its block's
-// features, and the last row of the tensor is read from a padded copy: nothing outside the tensors is touched.
+// as n × b × b with b = 16, 32, 48 or 64. Any block size for the low-rank transform: a row is read in chunks of
+// 16 features, the last one masked, and written only up to its end; the last row of the tensor is read from a
+// padded copy: nothing outside the tensors is touched.
 #include <torch/extension.h>
 #include <omp.h>
 
@@ -60,166 +59,259 @@ inline v16 keep_first(v16 v, int64_t count) {  // lanes ≥ count set to zero
   return lane < static_cast<int>(count) ? v : v16{};
 }
 
-// The blocks' geometry: n blocks of b features, each read as ``chunks`` chunks of 16, the last holding ``tail``.
-struct Blocks {
-  int64_t n, b, chunks, tail, padded;  // padded = 16·chunks, the stride of the padded copies of P, Q, ∂P, ∂Q
-  Blocks(int64_t d, int64_t b_)
-      : n(d / b_), b(b_), chunks((b_ + W16 - 1) / W16), tail(b_ - (chunks - 1) * W16), padded(chunks * W16) {}
-  v16 read(const float* block, int64_t chunk) const {  // chunk of a block, zero past its end
-    const v16 v = load(block + chunk * W16);
-    return chunk == chunks - 1 ? keep_first(v, tail) : v;
+// -- the low-rank transform, 16 rows at a time ---------------------------------------------------------------------
+// A block's projections P_iᵀ z_i are sums over its b features. Row by row, every block and vector needs a
+// horizontal sum of a register, and blocks that are not multiples of 16 leave lanes idle (b = 18: two chunks for
+// 18 features); a row-at-a-time kernel was compute-bound, at 3.6× the time of a copy of the same activations in
+// the model's training step.
+// Here the rows go in groups of 16. A group is transposed tile by tile (16 rows × 16 features), so that one vector
+// holds one feature of the 16 rows, and a block's projections are plain multiply-adds over its features, for the
+// 16 rows at once. The per-block results go back to the rows' lanes by a permute: chunk c of a row (features 16c
+// to 16c + 15) lies in at most 16 consecutive blocks from block w_c = 16c / b, and lane l takes entry
+// (16c + l) / b − w_c of the row's values from there.
+constexpr int64_t GR = 16;  // rows per group: one vector holds one feature of each
+
+// r[0..15], a 16 × 16 matrix (row t in r[t]), transposed in place. A step interleaves rows i and i + 8 into rows
+// 2i and 2i + 1, which rotates the 8 bits of an entry's (row, lane) left by one: four steps swap row and lane.
+inline void transpose16(v16* r) {
+  for (int step = 0; step < 4; ++step) {
+    v16 t[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = __builtin_shufflevector(r[i], r[i + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
   }
-  // Chunk of block i of a row of d features; where 16 lanes would pass the row's end, only the block's own.
-  void write(float* row, int64_t i, int64_t chunk, v16 v, int64_t d) const {
-    float* at = row + i * b + chunk * W16;
-    if (i * b + (chunk + 1) * W16 > d) {  // only a last chunk can: the others lie inside their block
-      for (int64_t l = 0; l < tail; ++l) at[l] = v[l];
-    } else {
-      store(at, v);
+}
+
+// A row of d = n·b features read in chunks of 16 (the last holding ``tail``), and each chunk's view of the blocks.
+struct LowRankLayout {
+  int64_t d, n, b, chunks, tail, padded;  // padded = 16·chunks
+  int64_t blocks16, stride;  // n rounded up to 16; a row's per-block values with 16 entries of slack (the windows)
+  std::vector<int64_t> window;  // w_c, the block of chunk c's first feature
+  std::vector<i16> lane_block;  // (16c + l) / b − w_c, past the row's end that of its last block
+  LowRankLayout(int64_t d_, int64_t b_)
+      : d(d_), n(d_ / b_), b(b_), chunks((d_ + W16 - 1) / W16), tail(d_ - (chunks - 1) * W16), padded(chunks * W16),
+        blocks16((n + W16 - 1) / W16 * W16), stride(blocks16 + W16), window(chunks), lane_block(chunks) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      window[c] = c * W16 / b;
+      for (int l = 0; l < W16; ++l) lane_block[c][l] = std::min((c * W16 + l) / b, n - 1) - window[c];
     }
   }
+  v16 read(const float* row, int64_t c) const {  // chunk c of a row, zero past its end
+    const v16 v = load(row + c * W16);
+    return c == chunks - 1 ? keep_first(v, tail) : v;
+  }
+  void write(float* row, int64_t c, v16 v) const {  // only the row's own features: the next row is another's
+    if (c == chunks - 1 && tail < W16) {
+      for (int64_t l = 0; l < tail; ++l) row[c * W16 + l] = v[l];
+    } else {
+      store(row + c * W16, v);
+    }
+  }
+  // Lanes of chunk c from a row's per-block values (``values`` + ``stride`` floats, zero past the blocks).
+  v16 spread(const float* values, int64_t c) const { return __builtin_shuffle(load(values + window[c]), lane_block[c]); }
 };
 
-// P (n × b × k) → (k × n × padded): the k vectors of each block in chunks of 16, zeros past each block's end.
+// P (n × b × k) as k rows of ``padded`` features (P[k][f] = P_i[j][k] for f = i·b + j), zeros past d.
 template <int K>
-std::vector<float> padded_copy(const torch::Tensor& P, const Blocks& g) {
-  std::vector<float> out(K * g.n * g.padded, 0.f);
+std::vector<float> by_feature(const torch::Tensor& P, const LowRankLayout& L) {
+  std::vector<float> out(K * L.padded, 0.f);
   const float* p = P.data_ptr<float>();
-  for (int64_t i = 0; i < g.n; ++i) {
-    for (int64_t j = 0; j < g.b; ++j) {
-      for (int k = 0; k < K; ++k) out[(k * g.n + i) * g.padded + j] = p[(i * g.b + j) * K + k];
-    }
+  for (int64_t f = 0; f < L.d; ++f) {
+    for (int k = 0; k < K; ++k) out[k * L.padded + f] = p[f * K + k];
   }
   return out;
 }
 
-// The threads' padded sums (threads × k × n × padded) → one (n × b × k) gradient.
-template <int K>
-torch::Tensor unpadded_sum(const std::vector<float>& parts, int threads, const Blocks& g, const torch::Tensor& like) {
-  auto out = torch::empty({g.n, g.b, K}, like.options());
-  float* o = out.data_ptr<float>();
-  const int64_t stride = K * g.n * g.padded;
-  for (int64_t i = 0; i < g.n; ++i) {
-    for (int64_t j = 0; j < g.b; ++j) {
-      for (int k = 0; k < K; ++k) {
-        float s = 0.f;
-        for (int th = 0; th < threads; ++th) s += parts[th * stride + (k * g.n + i) * g.padded + j];
-        o[(i * g.b + j) * K + k] = s;
-      }
-    }
-  }
-  return out;
-}
-
-// Rows t of a (rows × d) tensor; the last row through a copy with a chunk of slack after it.
+// Rows of a (rows × d) tensor in groups of 16: the last row through a copy with a chunk of slack after it (a chunk
+// reads 16 floats), rows past the end as zeros.
 struct Rows {
   const float* data;
   int64_t rows, d;
-  std::vector<float> last;
-  Rows(const float* data_, int64_t rows_, int64_t d_) : data(data_), rows(rows_), d(d_), last(d_ + W16, 0.f) {
+  std::vector<float> last, zeros;
+  Rows(const float* data_, int64_t rows_, int64_t d_)
+      : data(data_), rows(rows_), d(d_), last(d_ + W16, 0.f), zeros(d_ + W16, 0.f) {
     if (rows) std::memcpy(last.data(), data + (rows - 1) * d, d * sizeof(float));
   }
-  const float* operator[](int64_t t) const { return t == rows - 1 ? last.data() : data + t * d; }
+  const float* operator[](int64_t t) const { return t < rows - 1 ? data + t * d : t == rows - 1 ? last.data() : zeros.data(); }
+  void group(int64_t first, const float* out[GR]) const {
+    for (int64_t t = 0; t < GR; ++t) out[t] = (*this)[first + t];
+  }
 };
 
-// One row: y = z + Q(Pᵀz − c) blockwise. The geometry comes by value, so that its fields stay in registers.
+// T[f] = feature f of a group's 16 rows.
+inline void transpose_group(const float* const rows[GR], const LowRankLayout& L, v16* T) {
+  for (int64_t c = 0; c < L.chunks; ++c) {
+    v16 r[GR];
+    for (int64_t t = 0; t < GR; ++t) r[t] = L.read(rows[t], c);
+    transpose16(r);
+    for (int64_t l = 0; l < W16; ++l) T[c * W16 + l] = r[l];
+  }
+}
+
+// out[k·blocks16 + i] = Σ_j T[i·b + j] · P[k][i·b + j] − C[i·K + k], block i's projections for the 16 rows.
 template <int K>
-void lowrank_forward_row(const Blocks g, const float* zr, float* yr, const float* P, const float* Q, const float* C,
-                         int64_t d) {
-  for (int64_t i = 0; i < g.n; ++i) {
-    const float* zi = zr + i * g.b;
-    v16 acc[K] = {};
-    for (int64_t ch = 0; ch < g.chunks; ++ch) {
-      const v16 zc = g.read(zi, ch);
-      for (int k = 0; k < K; ++k) acc[k] += zc * load(P + (k * g.n + i) * g.padded + ch * W16);
+void project(const v16* T, const float* P, const float* C, const LowRankLayout& L, v16* out) {
+  constexpr int U = 4 / K;  // independent sums per vector: 4 multiply-adds in flight
+  for (int64_t i = 0; i < L.n; ++i) {
+    const v16* Ti = T + i * L.b;
+    v16 acc[K][U] = {};
+    int64_t j = 0;
+    for (; j + U <= L.b; j += U) {
+      for (int u = 0; u < U; ++u) {
+        for (int k = 0; k < K; ++k) acc[k][u] += Ti[j + u] * P[k * L.padded + i * L.b + j + u];
+      }
     }
-    float a[K];
-    for (int k = 0; k < K; ++k) a[k] = hsum(acc[k]) - (C ? C[i * K + k] : 0.f);
-    for (int64_t ch = 0; ch < g.chunks; ++ch) {  // lanes past the block: Q is zero there, z passes through
-      v16 v = load(zi + ch * W16);
-      for (int k = 0; k < K; ++k) v += a[k] * load(Q + (k * g.n + i) * g.padded + ch * W16);
-      g.write(yr, i, ch, v, d);
+    for (; j < L.b; ++j) {
+      for (int k = 0; k < K; ++k) acc[k][0] += Ti[j] * P[k * L.padded + i * L.b + j];
+    }
+    for (int k = 0; k < K; ++k) {
+      v16 sum = acc[k][0];
+      for (int u = 1; u < U; ++u) sum += acc[k][u];
+      out[k * L.blocks16 + i] = C ? sum - C[i * K + k] : sum;
     }
   }
 }
+
+// values[(t·K + k)·stride + i] = sums[k·blocks16 + i][t]: the group's per-block values row by row (``sums`` is
+// zero past n, where no lane's block is).
+template <int K>
+void rows_of(const v16* sums, const LowRankLayout& L, float* values) {
+  for (int k = 0; k < K; ++k) {
+    for (int64_t i = 0; i < L.blocks16; i += W16) {
+      v16 r[GR];
+      for (int64_t t = 0; t < GR; ++t) r[t] = sums[k * L.blocks16 + i + t];
+      transpose16(r);
+      for (int64_t t = 0; t < GR; ++t) store(values + (t * K + k) * L.stride + i, r[t]);
+    }
+  }
+}
+
+// A group's projections onto one set of vectors (a = Pᵀz − c, or e = Qᵀg), by block (one vector holds the 16
+// rows') and by row (what the rows' lanes take them from): per-thread scratch.
+template <int K>
+struct Projections {
+  std::vector<v16> by_block;
+  std::vector<float> by_row;
+  explicit Projections(const LowRankLayout& L) : by_block(K * L.blocks16, v16{}), by_row(GR * K * L.stride, 0.f) {}
+  void compute(const v16* T, const float* P, const float* C, const LowRankLayout& L) {
+    project<K>(T, P, C, L, by_block.data());
+    rows_of<K>(by_block.data(), L, by_row.data());
+  }
+  const float* row(int64_t t, int k, const LowRankLayout& L) const { return by_row.data() + (t * K + k) * L.stride; }
+};
 
 template <int K>
 torch::Tensor lowrank_forward(torch::Tensor z, torch::Tensor Pb, torch::Tensor Qb, torch::Tensor c) {
-  const int64_t M = z.size(0), d = z.size(1);
-  const Blocks g(d, Pb.size(1));
+  const int64_t M = z.size(0), d = z.size(1), groups = (M + GR - 1) / GR;
+  const LowRankLayout L(d, Pb.size(1));
   auto y = torch::empty_like(z);
-  const auto Pp = padded_copy<K>(Pb, g), Qp = padded_copy<K>(Qb, g);
-  const float *P = Pp.data(), *Q = Qp.data(), *C = c.numel() ? c.data_ptr<float>() : nullptr;
+  const auto Pf = by_feature<K>(Pb, L), Qf = by_feature<K>(Qb, L);
+  const float* C = c.numel() ? c.data_ptr<float>() : nullptr;
   const Rows Z(z.data_ptr<float>(), M, d);
   float* Y = y.data_ptr<float>();
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t t = 0; t < M; ++t) lowrank_forward_row<K>(g, Z[t], Y + t * d, P, Q, C, d);
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::unique_ptr<v16[]> T(new v16[L.padded]);  // a group transposed
+    Projections<K> a(L);
+#pragma omp for schedule(static)
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const float* rows[GR];
+      Z.group(grp * GR, rows);
+      transpose_group(rows, L, T.get());
+      a.compute(T.get(), Pf.data(), C, L);  // a = Pᵀz − c
+      const int64_t count = std::min(GR, M - grp * GR);
+      for (int64_t ch = 0; ch < L.chunks; ++ch) {  // y = z + Q a, chunk by chunk down the group
+        v16 q[K];
+        for (int k = 0; k < K; ++k) q[k] = load(Qf.data() + k * L.padded + ch * W16);
+        for (int64_t t = 0; t < count; ++t) {
+          v16 out = L.read(rows[t], ch);
+          for (int k = 0; k < K; ++k) out += L.spread(a.row(t, k, L), ch) * q[k];
+          L.write(Y + (grp * GR + t) * d, ch, out);
+        }
+      }
+    }
+  }
   return y;
 }
 
-// One row of the backward: ∂z = g + P e (written where ``gz``), ∂P += z eᵀ, ∂Q += g aᵀ, ∂c −= e, blockwise.
-template <int K>
-void lowrank_backward_row(const Blocks g, const float* zr, const float* gr, float* gz, const float* P, const float* Q,
-                          const float* C, float* dP, float* dQ, float* dc, int64_t d) {
-  for (int64_t i = 0; i < g.n; ++i) {
-    const float *zi = zr + i * g.b, *gi = gr + i * g.b;
-    v16 acc_a[K] = {}, acc_e[K] = {};
-    for (int64_t ch = 0; ch < g.chunks; ++ch) {
-      const v16 zc = g.read(zi, ch), gc = g.read(gi, ch);
-      for (int k = 0; k < K; ++k) {
-        const int64_t at = (k * g.n + i) * g.padded + ch * W16;
-        acc_a[k] += zc * load(P + at);
-        acc_e[k] += gc * load(Q + at);
-      }
-    }
-    float a[K], e[K];
-    for (int k = 0; k < K; ++k) {
-      a[k] = hsum(acc_a[k]) - (C ? C[i * K + k] : 0.f);
-      e[k] = hsum(acc_e[k]);
-      dc[i * K + k] -= e[k];
-    }
-    for (int64_t ch = 0; ch < g.chunks; ++ch) {  // past the block: ∂P and ∂Q's padding (dropped), P's zeros
-      const v16 zc = load(zi + ch * W16), gc = load(gi + ch * W16);
-      v16 out = gc;
-      for (int k = 0; k < K; ++k) {
-        const int64_t at = (k * g.n + i) * g.padded + ch * W16;
-        store(dP + at, load(dP + at) + e[k] * zc);
-        store(dQ + at, load(dQ + at) + a[k] * gc);
-        out += e[k] * load(P + at);
-      }
-      if (gz) g.write(gz, i, ch, out, d);
-    }
-  }
-}
-
-// Returns (∂z or an empty tensor, ∂P, ∂Q, ∂c).
+// Returns (∂z or an empty tensor, ∂P, ∂Q, ∂c): ∂z = g + P e with e = Qᵀg, ∂P = Σ z eᵀ, ∂Q = Σ g aᵀ, ∂c = −Σ e.
 template <int K>
 std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z, torch::Tensor Pb, torch::Tensor Qb,
                                             torch::Tensor c, bool need_z) {
-  const int64_t M = z.size(0), d = z.size(1);
-  const Blocks g(d, Pb.size(1));
+  const int64_t M = z.size(0), d = z.size(1), groups = (M + GR - 1) / GR;
+  const LowRankLayout L(d, Pb.size(1));
   const int threads = at::get_num_threads();  // torch.set_num_threads applies here too
-  const auto Pp = padded_copy<K>(Pb, g), Qp = padded_copy<K>(Qb, g);
-  const int64_t stride = K * g.n * g.padded;
-  std::vector<float> grad_P(threads * stride, 0.f), grad_Q(threads * stride, 0.f), grad_c(threads * g.n * K, 0.f);
+  const auto Pf = by_feature<K>(Pb, L), Qf = by_feature<K>(Qb, L);
+  const int64_t stride = K * L.padded;  // a thread's ∂P (and ∂Q) by feature
+  std::vector<float> grad_P(threads * stride, 0.f), grad_Q(threads * stride, 0.f);
+  std::vector<v16> grad_c(threads * K * L.blocks16, v16{});  // −Σ e per block, the sums over a group's rows in lanes
   auto grad_z = need_z ? torch::empty_like(z) : torch::empty({0}, z.options());
-  const float *P = Pp.data(), *Q = Qp.data(), *C = c.numel() ? c.data_ptr<float>() : nullptr;
+  const float* C = c.numel() ? c.data_ptr<float>() : nullptr;
   const Rows Z(z.data_ptr<float>(), M, d), G(grad.data_ptr<float>(), M, d);
   float* GZ = need_z ? grad_z.data_ptr<float>() : nullptr;
 #pragma omp parallel num_threads(threads)
   {
     const int me = omp_get_thread_num();
-    float *dP = grad_P.data() + me * stride, *dQ = grad_Q.data() + me * stride, *dc = grad_c.data() + me * g.n * K;
+    float *dP = grad_P.data() + me * stride, *dQ = grad_Q.data() + me * stride;
+    v16* dc = grad_c.data() + me * K * L.blocks16;
+    std::unique_ptr<v16[]> T(new v16[L.padded]);  // a group transposed
+    Projections<K> a(L), e(L);
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < M; ++t) {
-      lowrank_backward_row<K>(g, Z[t], G[t], GZ ? GZ + t * d : nullptr, P, Q, C, dP, dQ, dc, d);
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const float *zrows[GR], *grows[GR];
+      Z.group(grp * GR, zrows);
+      G.group(grp * GR, grows);
+      transpose_group(zrows, L, T.get());
+      a.compute(T.get(), Pf.data(), C, L);  // a = Pᵀz − c
+      transpose_group(grows, L, T.get());
+      e.compute(T.get(), Qf.data(), nullptr, L);  // e = Qᵀg
+      for (int64_t x = 0; x < K * L.blocks16; ++x) dc[x] -= e.by_block[x];
+      const int64_t count = std::min(GR, M - grp * GR);
+      for (int64_t ch = 0; ch < L.chunks; ++ch) {  // down the group: ∂P, ∂Q of the chunk's features in registers
+        v16 p[K], sum_P[K], sum_Q[K];
+        for (int k = 0; k < K; ++k) {
+          const int64_t at = k * L.padded + ch * W16;
+          p[k] = load(Pf.data() + at), sum_P[k] = load(dP + at), sum_Q[k] = load(dQ + at);
+        }
+        for (int64_t t = 0; t < count; ++t) {
+          const v16 zc = L.read(zrows[t], ch), gc = L.read(grows[t], ch);
+          v16 out = gc;
+          for (int k = 0; k < K; ++k) {
+            const v16 ek = L.spread(e.row(t, k, L), ch);
+            sum_P[k] += zc * ek;
+            sum_Q[k] += gc * L.spread(a.row(t, k, L), ch);
+            out += ek * p[k];
+          }
+          if (GZ) L.write(GZ + (grp * GR + t) * d, ch, out);
+        }
+        for (int k = 0; k < K; ++k) {
+          const int64_t at = k * L.padded + ch * W16;
+          store(dP + at, sum_P[k]), store(dQ + at, sum_Q[k]);
+        }
+      }
     }
   }
-  auto sum_c = torch::zeros({g.n, K}, z.options());
-  for (int th = 0; th < threads; ++th) {
-    for (int64_t x = 0; x < g.n * K; ++x) sum_c.data_ptr<float>()[x] += grad_c[th * g.n * K + x];
+  // The threads' sums, back to (n × b × k) and (n × k).
+  auto dP = torch::empty({L.n, L.b, K}, z.options()), dQ = torch::empty({L.n, L.b, K}, z.options());
+  auto dc = torch::empty({L.n, K}, z.options());
+  float *oP = dP.data_ptr<float>(), *oQ = dQ.data_ptr<float>(), *oc = dc.data_ptr<float>();
+  for (int64_t f = 0; f < d; ++f) {
+    for (int k = 0; k < K; ++k) {
+      float sp = 0.f, sq = 0.f;
+      for (int th = 0; th < threads; ++th) sp += grad_P[th * stride + k * L.padded + f], sq += grad_Q[th * stride + k * L.padded + f];
+      oP[f * K + k] = sp, oQ[f * K + k] = sq;
+    }
   }
-  return {grad_z, unpadded_sum<K>(grad_P, threads, g, z), unpadded_sum<K>(grad_Q, threads, g, z), sum_c};
+  for (int64_t i = 0; i < L.n; ++i) {
+    for (int k = 0; k < K; ++k) {
+      v16 s{};
+      for (int th = 0; th < threads; ++th) s += grad_c[(th * K + k) * L.blocks16 + i];
+      oc[i * K + k] = hsum(s);
+    }
+  }
+  return {grad_z, dP, dQ, dc};
 }
 
 // out = zi m for one block: a row zi of b = 16·NV features times the b × b block m, the outputs in registers.
