@@ -244,8 +244,8 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
   const LowRankLayout L(d, Pb.size(1));
   const int threads = at::get_num_threads();  // torch.set_num_threads applies here too
   const auto Pf = by_feature<K>(Pb, L), Qf = by_feature<K>(Qb, L);
-  const int64_t stride = K * L.padded;  // a thread's ∂P (and ∂Q) by feature
-  std::vector<float> grad_P(threads * stride, 0.f), grad_Q(threads * stride, 0.f);
+  const int64_t per_thread = K * L.padded;  // a thread's ∂P (and ∂Q) by feature
+  std::vector<float> grad_P(threads * per_thread, 0.f), grad_Q(threads * per_thread, 0.f);
   std::vector<v16> grad_c(threads * K * L.blocks16, v16{});  // −Σ e per block, the sums over a group's rows in lanes
   auto grad_z = need_z ? torch::empty_like(z) : torch::empty({0}, z.options());
   const float* C = c.numel() ? c.data_ptr<float>() : nullptr;
@@ -254,7 +254,7 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
 #pragma omp parallel num_threads(threads)
   {
     const int me = omp_get_thread_num();
-    float *dP = grad_P.data() + me * stride, *dQ = grad_Q.data() + me * stride;
+    float *dP = grad_P.data() + me * per_thread, *dQ = grad_Q.data() + me * per_thread;
     v16* dc = grad_c.data() + me * K * L.blocks16;
     std::unique_ptr<v16[]> T(new v16[L.padded]);  // a group transposed
     Projections<K> a(L), e(L);
@@ -300,7 +300,7 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
   for (int64_t f = 0; f < d; ++f) {
     for (int k = 0; k < K; ++k) {
       float sp = 0.f, sq = 0.f;
-      for (int th = 0; th < threads; ++th) sp += grad_P[th * stride + k * L.padded + f], sq += grad_Q[th * stride + k * L.padded + f];
+      for (int th = 0; th < threads; ++th) sp += grad_P[th * per_thread + k * L.padded + f], sq += grad_Q[th * per_thread + k * L.padded + f];
       oP[f * K + k] = sp, oQ[f * K + k] = sq;
     }
   }
