@@ -61,7 +61,10 @@ def test_low_rank_blocks_match_float64_autograd(k, tokens, n, b, with_c):
 
 
 @needs_kernel
-@pytest.mark.parametrize("tokens, n, b", [(37, 18, 32), (9, 3, 16), (5, 2, 48), (1, 3, 64), (8, 1, 32)])
+# Token counts under, at and over the kernel's rows per step (16, 8, 4, 4 for b = 16, 32, 48, 64) and its 64 rows
+# per task of the backward, with leftover rows after the last full step and task.
+@pytest.mark.parametrize("tokens, n, b", [(37, 18, 32), (9, 3, 16), (5, 2, 48), (1, 3, 64), (8, 1, 32), (150, 3, 16),
+                                          (133, 2, 32), (70, 2, 48), (129, 2, 64)])
 def test_dense_blocks_match_float64_autograd(tokens, n, b):
     generator = torch.Generator().manual_seed(tokens + n + b)
     z, M = torch.randn(tokens, n * b, generator=generator, dtype=torch.float64), torch.randn(n, b, b, generator=generator, dtype=torch.float64)

@@ -41,7 +41,6 @@ typedef double d8 __attribute__((vector_size(64)));  // 8 doubles
 typedef double d8u __attribute__((vector_size(64), aligned(8)));
 typedef long long l8 __attribute__((vector_size(64)));
 constexpr int64_t W16 = 16;
-constexpr int RB = 8;  // rows per step of the dense backward's outer products (∂M loaded and stored once per RB rows)
 
 // Typed vector accesses, not memcpy: a float store then cannot alias the loops' integer bounds, which would
 // otherwise be reloaded from memory after every store.
@@ -314,37 +313,68 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
   return {grad_z, dP, dQ, dc};
 }
 
-// out = zi m for one block: a row zi of b = 16·NV features times the b × b block m, the outputs in registers.
-template <int NV>
-inline void block_times(const float* zi, const float* m, float* out) {
-  constexpr int64_t b = NV * W16;
-  v16 acc[NV] = {};
-  for (int64_t j = 0; j < b; ++j) {  // out += zi[j] · (row j of m)
-    for (int v = 0; v < NV; ++v) acc[v] += zi[j] * load(m + j * b + v * W16);
+// out_r (+)= Σ_k a(r, k) · B_k for R rows r at once: a(r, k) = A[r·ar + k·ak] a scalar, B_k the b = 16·NV floats at
+// B + k·bs, out_r the b floats at out + r·os. The R·NV sums are independent, so their multiply-adds overlap; one
+// row at a time (NV sums) waits on each multiply-add's latency and ran at a fifth of the vector units' rate.
+// Each B_k is loaded once for the R rows.
+template <int NV, int R, bool ACCUMULATE>
+inline void rows_times(const float* A, int64_t ar, int64_t ak, const float* B, int64_t bs, int64_t K, float* out,
+                       int64_t os) {
+  v16 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACCUMULATE ? load(out + r * os + v * W16) : v16{};
   }
-  for (int v = 0; v < NV; ++v) store(out + v * W16, acc[v]);
+  for (int64_t k = 0; k < K; ++k) {
+    v16 bk[NV];
+    for (int v = 0; v < NV; ++v) bk[v] = load(B + k * bs + v * W16);
+    for (int r = 0; r < R; ++r) {
+      const float a = A[r * ar + k * ak];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * bk[v];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) store(out + r * os + v * W16, acc[r][v]);
+  }
+}
+
+// Rows per call of rows_times: about 16 sums in registers, of the 32 (and a divisor of b, for ∂M's rows).
+template <int NV> constexpr int ROWS = NV == 1 ? 16 : NV == 2 ? 8 : 4;
+
+// Y_t,i = Z_t,i M_i for the rows [t0, t1) and every block i (Z_t,i: row t's i-th block of b = 16·NV features).
+template <int NV>
+inline void rows_times_blocks(const float* Z, const float* M, float* Y, int64_t t0, int64_t t1, int64_t d, int64_t n) {
+  constexpr int64_t b = NV * W16;
+  constexpr int R = ROWS<NV>;
+  int64_t t = t0;
+  for (; t + R <= t1; t += R) {
+    for (int64_t i = 0; i < n; ++i) rows_times<NV, R, false>(Z + t * d + i * b, d, 1, M + i * b * b, b, b, Y + t * d + i * b, d);
+  }
+  for (; t < t1; ++t) {
+    for (int64_t i = 0; i < n; ++i) rows_times<NV, 1, false>(Z + t * d + i * b, d, 1, M + i * b * b, b, b, Y + t * d + i * b, d);
+  }
 }
 
 // y_i = z_i M_i for every row (z_i a row of b = 16·NV features).
 template <int NV>
 torch::Tensor dense_forward(torch::Tensor z, torch::Tensor M) {
-  constexpr int64_t b = NV * W16;
   const int64_t rows = z.size(0), d = z.size(1), n = M.size(0);
   auto y = torch::empty_like(z);
   const float *Z = z.data_ptr<float>(), *Mp = M.data_ptr<float>();
   float* Y = y.data_ptr<float>();
+  constexpr int64_t CH = 4 * ROWS<NV>;  // rows per task
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t t = 0; t < rows; ++t) {
-    for (int64_t i = 0; i < n; ++i) block_times<NV>(Z + t * d + i * b, Mp + i * b * b, Y + t * d + i * b);
-  }
+  for (int64_t t0 = 0; t0 < rows; t0 += CH) rows_times_blocks<NV>(Z, Mp, Y, t0, std::min(rows, t0 + CH), d, n);
   return y;
 }
 
 // ∂M_i = Σ_t z_iᵀ g_i, and where ``GZ`` is given ∂z_i = g_i M_iᵀ (``Mt``: the blocks transposed), in one pass over
-// the rows: RB rows at a time, block by block, so that the rows' g_i are read from memory once for both.
+// the rows: CH rows at a time, block by block, so that the rows' g_i come from memory once for both. Row j of ∂M_i
+// gains Σ_t z_i[j] · g_i: rows_times with the rows of ∂M as its R rows and the tokens as its k.
 template <int NV>
 torch::Tensor dense_backward(torch::Tensor grad, torch::Tensor z, const float* Mt, float* GZ, int64_t n) {
   constexpr int64_t b = NV * W16;
+  constexpr int J = ROWS<NV>;
+  constexpr int64_t CH = 64;  // rows per task: ∂M_i is loaded and stored once per CH rows
   const int64_t rows = z.size(0), d = z.size(1);
   const int threads = at::get_num_threads();  // torch.set_num_threads applies here too
   auto grad_M = torch::zeros({n, b, b}, z.options());  // the first thread's sum; the others' beside it
@@ -355,24 +385,14 @@ torch::Tensor dense_backward(torch::Tensor grad, torch::Tensor z, const float* M
     const int me = omp_get_thread_num();
     float* dM = me == 0 ? grad_M.data_ptr<float>() : others.data() + (me - 1) * n * b * b;
 #pragma omp for schedule(static)
-    for (int64_t t0 = 0; t0 < rows; t0 += RB) {
-      const int64_t count = std::min<int64_t>(RB, rows - t0);
+    for (int64_t t0 = 0; t0 < rows; t0 += CH) {
+      const int64_t count = std::min<int64_t>(CH, rows - t0);
       for (int64_t i = 0; i < n; ++i) {
-        for (int64_t j = 0; j < b; ++j) {  // row j of ∂M_i += Σ_t z_i[j] · g_i over the RB rows
-          float* dr = dM + (i * b + j) * b;
-          v16 acc[NV];
-          for (int v = 0; v < NV; ++v) acc[v] = load(dr + v * W16);
-          for (int64_t t = t0; t < t0 + count; ++t) {
-            const float zj = Z[t * d + i * b + j];
-            for (int v = 0; v < NV; ++v) acc[v] += zj * load(G + t * d + i * b + v * W16);
-          }
-          for (int v = 0; v < NV; ++v) store(dr + v * W16, acc[v]);
-        }
-        if (!GZ) continue;
-        for (int64_t t = t0; t < t0 + count; ++t) {  // ∂z_i = g_i M_iᵀ
-          block_times<NV>(G + t * d + i * b, Mt + i * b * b, GZ + t * d + i * b);
+        for (int64_t j = 0; j < b; j += J) {
+          rows_times<NV, J, true>(Z + t0 * d + i * b + j, 1, d, G + t0 * d + i * b, d, count, dM + (i * b + j) * b, b);
         }
       }
+      if (GZ) rows_times_blocks<NV>(G, Mt, GZ, t0, t0 + count, d, n);
     }
   }
   float* sum = grad_M.data_ptr<float>();
