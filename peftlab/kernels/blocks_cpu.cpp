@@ -360,9 +360,8 @@ inline void rows_times_blocks(const float* Z, const float* M, float* Y, int64_t 
   constexpr int R = ROWS<NV>;
   int64_t t = t0;
   for (; t + R <= t1; t += R) {
-    const int64_t ahead = std::min(rows, t + 2 * R);
     for (int64_t i = 0; i < n; ++i) {
-      prefetch_block<NV>(Z, d, i, std::min(ahead, t + R), ahead);
+      prefetch_block<NV>(Z, d, i, t + R, std::min(rows, t + 2 * R));  // t + R ≤ t1 ≤ rows
       rows_times<NV, R, false>(Z + t * d + i * b, d, 1, M + i * b * b, b, b, Y + t * d + i * b, d);
     }
   }
@@ -406,8 +405,8 @@ torch::Tensor dense_backward(torch::Tensor grad, torch::Tensor z, const float* M
     for (int64_t t0 = 0; t0 < rows; t0 += CH) {
       const int64_t count = std::min<int64_t>(CH, rows - t0);
       for (int64_t i = 0; i < n; ++i) {
-        // The block AHEAD blocks on, in this chunk or the next one, while this one is worked on.
-        const int64_t later = i + AHEAD, at = later < n ? t0 : t0 + CH;
+        // The block AHEAD blocks on, in this chunk or a later one, while this one is worked on.
+        const int64_t later = i + AHEAD, at = t0 + later / n * CH;
         const int64_t from = std::min(rows, at), to = std::min(rows, at + CH);
         prefetch_block<NV>(Z, d, later % n, from, to);
         prefetch_block<NV>(G, d, later % n, from, to);
