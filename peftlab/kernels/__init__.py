@@ -17,6 +17,7 @@ or with ``PEFTLAB_KERNELS=0``, the methods use PyTorch's operations, with the sa
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -51,8 +52,12 @@ def _build(name: str, what: str, fallback: str):
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):  # the first use on this machine: say why the first step takes longer
             print(f"peftlab: building the {what} into {build} (once, 15-30 s)", file=sys.stderr, flush=True)
+        # The loader rebuilds when a source or a flag changes, but does not read included headers: their digest,
+        # passed as a flag, makes a changed header rebuild too.
+        headers = hashlib.sha1(b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h"))))
         return cpp_extension.load(f"peftlab_{name}_{capability.lower()}", [str(Path(__file__).with_name(f"{name}.cpp"))],
-                                  build_directory=str(build), extra_cflags=["-O3", "-fopenmp", *flags],
+                                  build_directory=str(build),
+                                  extra_cflags=["-O3", "-fopenmp", *flags, f"-DPEFTLAB_HEADERS={headers.hexdigest()[:16]}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # no compiler, no ninja, a read-only cache: the PyTorch form still works
         errors = [line for line in str(err).splitlines() if "error" in line.lower() and "building extension" not in line]

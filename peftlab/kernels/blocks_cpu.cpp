@@ -16,12 +16,12 @@
 // products a (blocks, tokens, b) copy of the activations either side); on this CPU those passes over
 // cache-cold activations cost far more than their arithmetic. Here each row is read from memory once per
 // direction: the forward reads z and writes y, the backward reads z and g and writes ∂z (the low-rank transform
-// works on groups of 16 rows, read a second time from cache). Threads split the rows; the parameter gradients
-// are summed per thread and added up at the end.
+// works on groups of VF rows, read a second time from cache; VF: a vector register's floats, 16 with AVX-512 and
+// 8 with AVX2). Threads split the rows; the parameter gradients are summed per thread and added up at the end.
 //
 // Layouts (checked by the entry points): float32, contiguous; z as rows × d, P and Q as n × b × k, c as n × k, M
 // as n × b × b with b = 16, 32, 48 or 64. Any block size for the low-rank transform: a row is read in chunks of
-// 16 features, the last one masked, and written only up to its end; the last row of the tensor is read from a
+// VF features, the last one masked, and written only up to its end; the last row of the tensor is read from a
 // padded copy: nothing outside the tensors is touched.
 #include <torch/extension.h>
 #include <omp.h>
@@ -31,85 +31,86 @@
 #include <memory>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
-typedef float v16u __attribute__((vector_size(64), aligned(4)));  // the same at any float's address
-typedef float v8 __attribute__((vector_size(32)));
-typedef int i16 __attribute__((vector_size(64)));
-typedef double d8 __attribute__((vector_size(64)));  // 8 doubles
-typedef double d8u __attribute__((vector_size(64), aligned(8)));
-typedef long long l8 __attribute__((vector_size(64)));
-constexpr int64_t W16 = 16;
+using namespace peftlab_simd;  // vf, vd: the CPU's own vector registers of floats and doubles (VF, VD lanes)
 
-// Typed vector accesses, not memcpy: a float store then cannot alias the loops' integer bounds, which would
-// otherwise be reloaded from memory after every store.
-inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
-inline d8 loadd(const double* p) { return *reinterpret_cast<const d8u*>(p); }
-inline void stored(double* p, d8 v) { *reinterpret_cast<d8u*>(p) = v; }
-inline float hsum(v16 v) {  // a tree of halves: 4 additions where a lane-by-lane sum has 15 in a chain
-  const v8 s = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+typedef int vi __attribute__((vector_size(VF * 4)));  // VF int lanes: permutes and masks of vf
+constexpr int64_t W16 = 16;  // floats per cache line; blocks of the dense kernels are multiples of it
+
+inline vi lanes() {  // {0, 1, …, VF − 1}
+  vi lane;
+  for (int l = 0; l < VF; ++l) lane[l] = l;
+  return lane;
 }
-inline v16 keep_first(v16 v, int64_t count) {  // lanes ≥ count set to zero
-  const i16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return lane < static_cast<int>(count) ? v : v16{};
+inline vf keep_first(vf v, int64_t count) {  // lanes ≥ count set to zero
+  return lanes() < static_cast<int>(count) ? v : vf{};
 }
 
-// -- the low-rank transform, 16 rows at a time ---------------------------------------------------------------------
+// -- the low-rank transform, VF rows at a time ---------------------------------------------------------------------
 // A block's projections P_iᵀ z_i are sums over its b features. Row by row, every block and vector needs a
-// horizontal sum of a register, and blocks that are not multiples of 16 leave lanes idle (b = 18: two chunks for
+// horizontal sum of a register, and blocks that are not multiples of VF leave lanes idle (b = 18: two chunks for
 // 18 features); a row-at-a-time kernel was compute-bound, at 3.6× the time of a copy of the same activations in
 // the model's training step.
-// Here the rows go in groups of 16. A group is transposed tile by tile (16 rows × 16 features), so that one vector
-// holds one feature of the 16 rows, and a block's projections are plain multiply-adds over its features, for the
-// 16 rows at once. The per-block results go back to the rows' lanes by a permute: chunk c of a row (features 16c
-// to 16c + 15) lies in at most 16 consecutive blocks from block w_c = 16c / b, and lane l takes entry
-// (16c + l) / b − w_c of the row's values from there.
-constexpr int64_t GR = 16;  // rows per group: one vector holds one feature of each
+// Here the rows go in groups of VF (a register's lanes: 16 with AVX-512, 8 with AVX2). A group is transposed tile
+// by tile (VF rows × VF features), so that one vector holds one feature of the group's rows, and a block's
+// projections are plain multiply-adds over its features, for the VF rows at once. The per-block results go back
+// to the rows' lanes by a permute: chunk c of a row (features VF·c to VF·c + VF − 1) lies in at most VF
+// consecutive blocks from block w_c = VF·c / b, and lane l takes entry (VF·c + l) / b − w_c of the row's values
+// from there.
+constexpr int64_t GR = VF;  // rows per group: one vector holds one feature of each
 
-// r[0..15], a 16 × 16 matrix (row t in r[t]), transposed in place. A step interleaves rows i and i + 8 into rows
-// 2i and 2i + 1, which rotates the 8 bits of an entry's (row, lane) left by one: four steps swap row and lane.
-inline void transpose16(v16* r) {
-  for (int step = 0; step < 4; ++step) {
-    v16 t[16];
-    for (int i = 0; i < 8; ++i) {
-      t[2 * i] = __builtin_shufflevector(r[i], r[i + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-      t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+// r[0..VF−1], a VF × VF matrix (row t in r[t]), transposed in place. A step interleaves rows i and i + VF/2 into
+// rows 2i and 2i + 1, which rotates the bits of an entry's (row, lane) left by one: log2(VF) steps swap row and lane.
+inline void transpose(vf* r) {
+  constexpr int H = VF / 2;
+  for (int step = 1; step < VF; step *= 2) {
+    vf t[VF];
+    for (int i = 0; i < H; ++i) {
+#if PEFTLAB_VF == 16
+      t[2 * i] = __builtin_shufflevector(r[i], r[i + H], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + H], 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#elif PEFTLAB_VF == 8
+      t[2 * i] = __builtin_shufflevector(r[i], r[i + H], 0, 8, 1, 9, 2, 10, 3, 11);
+      t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + H], 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+      t[2 * i] = __builtin_shufflevector(r[i], r[i + H], 0, 4, 1, 5);
+      t[2 * i + 1] = __builtin_shufflevector(r[i], r[i + H], 2, 6, 3, 7);
+#endif
     }
-    for (int i = 0; i < 16; ++i) r[i] = t[i];
+    for (int i = 0; i < VF; ++i) r[i] = t[i];
   }
 }
 
-// A row of d = n·b features read in chunks of 16 (the last holding ``tail``), and each chunk's view of the blocks.
+// A row of d = n·b features read in chunks of VF (the last holding ``tail``), and each chunk's view of the blocks.
 struct LowRankLayout {
-  int64_t d, n, b, chunks, tail, padded;  // padded = 16·chunks
-  int64_t blocks16, stride;  // n rounded up to 16; a row's per-block values with 16 entries of slack (the windows)
+  int64_t d, n, b, chunks, tail, padded;  // padded = VF·chunks
+  int64_t blocks_v, stride;  // n rounded up to VF; a row's per-block values with VF entries of slack (the windows)
   std::vector<int64_t> window;  // w_c, the block of chunk c's first feature
-  std::vector<i16> lane_block;  // (16c + l) / b − w_c, past the row's end that of its last block
+  std::vector<vi> lane_block;  // (VF·c + l) / b − w_c, past the row's end that of its last block
   LowRankLayout(int64_t d_, int64_t b_)
-      : d(d_), n(d_ / b_), b(b_), chunks((d_ + W16 - 1) / W16), tail(d_ - (chunks - 1) * W16), padded(chunks * W16),
-        blocks16((n + W16 - 1) / W16 * W16), stride(blocks16 + W16), window(chunks), lane_block(chunks) {
+      : d(d_), n(d_ / b_), b(b_), chunks((d_ + VF - 1) / VF), tail(d_ - (chunks - 1) * VF), padded(chunks * VF),
+        blocks_v((n + VF - 1) / VF * VF), stride(blocks_v + VF), window(chunks), lane_block(chunks) {
     for (int64_t c = 0; c < chunks; ++c) {
-      window[c] = c * W16 / b;
-      for (int l = 0; l < W16; ++l) lane_block[c][l] = std::min((c * W16 + l) / b, n - 1) - window[c];
+      window[c] = c * VF / b;
+      for (int l = 0; l < VF; ++l) lane_block[c][l] = std::min((c * VF + l) / b, n - 1) - window[c];
     }
   }
-  v16 read(const float* row, int64_t c) const {  // chunk c of a row, zero past its end
-    const v16 v = load(row + c * W16);
+  vf read(const float* row, int64_t c) const {  // chunk c of a row, zero past its end
+    const vf v = loadf(row + c * VF);
     return c == chunks - 1 ? keep_first(v, tail) : v;
   }
-  void write(float* row, int64_t c, v16 v) const {  // only the row's own features: the next row is another's
-    if (c == chunks - 1 && tail < W16) {
-      for (int64_t l = 0; l < tail; ++l) row[c * W16 + l] = v[l];
+  void write(float* row, int64_t c, vf v) const {  // only the row's own features: the next row is another's
+    if (c == chunks - 1 && tail < VF) {
+      for (int64_t l = 0; l < tail; ++l) row[c * VF + l] = v[l];
     } else {
-      store(row + c * W16, v);
+      storef(row + c * VF, v);
     }
   }
   // Lanes of chunk c from a row's per-block values (``values`` + ``stride`` floats, zero past the blocks).
-  v16 spread(const float* values, int64_t c) const { return __builtin_shuffle(load(values + window[c]), lane_block[c]); }
+  vf spread(const float* values, int64_t c) const { return __builtin_shuffle(loadf(values + window[c]), lane_block[c]); }
 };
 
 // P (n × b × k) as k rows of ``padded`` features (P[k][f] = P_i[j][k] for f = i·b + j), zeros past d.
@@ -123,14 +124,14 @@ std::vector<float> by_feature(const torch::Tensor& P, const LowRankLayout& L) {
   return out;
 }
 
-// Rows of a (rows × d) tensor in groups of 16: the last row through a copy with a chunk of slack after it (a chunk
-// reads 16 floats), rows past the end as zeros.
+// Rows of a (rows × d) tensor in groups of VF: the last row through a copy with a chunk of slack after it (a chunk
+// reads VF floats), rows past the end as zeros.
 struct Rows {
   const float* data;
   int64_t rows, d;
   std::vector<float> last, zeros;
   Rows(const float* data_, int64_t rows_, int64_t d_)
-      : data(data_), rows(rows_), d(d_), last(d_ + W16, 0.f), zeros(d_ + W16, 0.f) {
+      : data(data_), rows(rows_), d(d_), last(d_ + VF, 0.f), zeros(d_ + VF, 0.f) {
     if (rows) std::memcpy(last.data(), data + (rows - 1) * d, d * sizeof(float));
   }
   const float* operator[](int64_t t) const { return t < rows - 1 ? data + t * d : t == rows - 1 ? last.data() : zeros.data(); }
@@ -139,23 +140,23 @@ struct Rows {
   }
 };
 
-// T[f] = feature f of a group's 16 rows.
-inline void transpose_group(const float* const rows[GR], const LowRankLayout& L, v16* T) {
+// T[f] = feature f of a group's VF rows.
+inline void transpose_group(const float* const rows[GR], const LowRankLayout& L, vf* T) {
   for (int64_t c = 0; c < L.chunks; ++c) {
-    v16 r[GR];
+    vf r[GR];
     for (int64_t t = 0; t < GR; ++t) r[t] = L.read(rows[t], c);
-    transpose16(r);
-    for (int64_t l = 0; l < W16; ++l) T[c * W16 + l] = r[l];
+    transpose(r);
+    for (int64_t l = 0; l < VF; ++l) T[c * VF + l] = r[l];
   }
 }
 
-// out[k·blocks16 + i] = Σ_j T[i·b + j] · P[k][i·b + j] − C[i·K + k], block i's projections for the 16 rows.
+// out[k·blocks_v + i] = Σ_j T[i·b + j] · P[k][i·b + j] − C[i·K + k], block i's projections for the VF rows.
 template <int K>
-void project(const v16* T, const float* P, const float* C, const LowRankLayout& L, v16* out) {
+void project(const vf* T, const float* P, const float* C, const LowRankLayout& L, vf* out) {
   constexpr int U = 4 / K;  // independent sums per vector: 4 multiply-adds in flight
   for (int64_t i = 0; i < L.n; ++i) {
-    const v16* Ti = T + i * L.b;
-    v16 acc[K][U] = {};
+    const vf* Ti = T + i * L.b;
+    vf acc[K][U] = {};
     int64_t j = 0;
     for (; j + U <= L.b; j += U) {
       for (int u = 0; u < U; ++u) {
@@ -166,35 +167,35 @@ void project(const v16* T, const float* P, const float* C, const LowRankLayout& 
       for (int k = 0; k < K; ++k) acc[k][0] += Ti[j] * P[k * L.padded + i * L.b + j];
     }
     for (int k = 0; k < K; ++k) {
-      v16 sum = acc[k][0];
+      vf sum = acc[k][0];
       for (int u = 1; u < U; ++u) sum += acc[k][u];
-      out[k * L.blocks16 + i] = C ? sum - C[i * K + k] : sum;
+      out[k * L.blocks_v + i] = C ? sum - C[i * K + k] : sum;
     }
   }
 }
 
-// values[(t·K + k)·stride + i] = sums[k·blocks16 + i][t]: the group's per-block values row by row (``sums`` is
+// values[(t·K + k)·stride + i] = sums[k·blocks_v + i][t]: the group's per-block values row by row (``sums`` is
 // zero past n, where no lane's block is).
 template <int K>
-void rows_of(const v16* sums, const LowRankLayout& L, float* values) {
+void rows_of(const vf* sums, const LowRankLayout& L, float* values) {
   for (int k = 0; k < K; ++k) {
-    for (int64_t i = 0; i < L.blocks16; i += W16) {
-      v16 r[GR];
-      for (int64_t t = 0; t < GR; ++t) r[t] = sums[k * L.blocks16 + i + t];
-      transpose16(r);
-      for (int64_t t = 0; t < GR; ++t) store(values + (t * K + k) * L.stride + i, r[t]);
+    for (int64_t i = 0; i < L.blocks_v; i += VF) {
+      vf r[GR];
+      for (int64_t t = 0; t < GR; ++t) r[t] = sums[k * L.blocks_v + i + t];
+      transpose(r);
+      for (int64_t t = 0; t < GR; ++t) storef(values + (t * K + k) * L.stride + i, r[t]);
     }
   }
 }
 
-// A group's projections onto one set of vectors (a = Pᵀz − c, or e = Qᵀg), by block (one vector holds the 16
+// A group's projections onto one set of vectors (a = Pᵀz − c, or e = Qᵀg), by block (one vector holds the VF
 // rows') and by row (what the rows' lanes take them from): per-thread scratch.
 template <int K>
 struct Projections {
-  std::vector<v16> by_block;
+  std::vector<vf> by_block;
   std::vector<float> by_row;
-  explicit Projections(const LowRankLayout& L) : by_block(K * L.blocks16, v16{}), by_row(GR * K * L.stride, 0.f) {}
-  void compute(const v16* T, const float* P, const float* C, const LowRankLayout& L) {
+  explicit Projections(const LowRankLayout& L) : by_block(K * L.blocks_v, vf{}), by_row(GR * K * L.stride, 0.f) {}
+  void compute(const vf* T, const float* P, const float* C, const LowRankLayout& L) {
     project<K>(T, P, C, L, by_block.data());
     rows_of<K>(by_block.data(), L, by_row.data());
   }
@@ -212,7 +213,7 @@ torch::Tensor lowrank_forward(torch::Tensor z, torch::Tensor Pb, torch::Tensor Q
   float* Y = y.data_ptr<float>();
 #pragma omp parallel num_threads(at::get_num_threads())
   {
-    std::unique_ptr<v16[]> T(new v16[L.padded]);  // a group transposed
+    std::unique_ptr<vf[]> T(new vf[L.padded]);  // a group transposed
     Projections<K> a(L);
 #pragma omp for schedule(static)
     for (int64_t grp = 0; grp < groups; ++grp) {
@@ -222,10 +223,10 @@ torch::Tensor lowrank_forward(torch::Tensor z, torch::Tensor Pb, torch::Tensor Q
       a.compute(T.get(), Pf.data(), C, L);  // a = Pᵀz − c
       const int64_t count = std::min(GR, M - grp * GR);
       for (int64_t ch = 0; ch < L.chunks; ++ch) {  // y = z + Q a, chunk by chunk down the group
-        v16 q[K];
-        for (int k = 0; k < K; ++k) q[k] = load(Qf.data() + k * L.padded + ch * W16);
+        vf q[K];
+        for (int k = 0; k < K; ++k) q[k] = loadf(Qf.data() + k * L.padded + ch * VF);
         for (int64_t t = 0; t < count; ++t) {
-          v16 out = L.read(rows[t], ch);
+          vf out = L.read(rows[t], ch);
           for (int k = 0; k < K; ++k) out += L.spread(a.row(t, k, L), ch) * q[k];
           L.write(Y + (grp * GR + t) * d, ch, out);
         }
@@ -245,7 +246,7 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
   const auto Pf = by_feature<K>(Pb, L), Qf = by_feature<K>(Qb, L);
   const int64_t per_thread = K * L.padded;  // a thread's ∂P (and ∂Q) by feature
   std::vector<float> grad_P(threads * per_thread, 0.f), grad_Q(threads * per_thread, 0.f);
-  std::vector<v16> grad_c(threads * K * L.blocks16, v16{});  // −Σ e per block, the sums over a group's rows in lanes
+  std::vector<vf> grad_c(threads * K * L.blocks_v, vf{});  // −Σ e per block, the sums over a group's rows in lanes
   auto grad_z = need_z ? torch::empty_like(z) : torch::empty({0}, z.options());
   const float* C = c.numel() ? c.data_ptr<float>() : nullptr;
   const Rows Z(z.data_ptr<float>(), M, d), G(grad.data_ptr<float>(), M, d);
@@ -254,8 +255,8 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
   {
     const int me = omp_get_thread_num();
     float *dP = grad_P.data() + me * per_thread, *dQ = grad_Q.data() + me * per_thread;
-    v16* dc = grad_c.data() + me * K * L.blocks16;
-    std::unique_ptr<v16[]> T(new v16[L.padded]);  // a group transposed
+    vf* dc = grad_c.data() + me * K * L.blocks_v;
+    std::unique_ptr<vf[]> T(new vf[L.padded]);  // a group transposed
     Projections<K> a(L), e(L);
 #pragma omp for schedule(static)
     for (int64_t grp = 0; grp < groups; ++grp) {
@@ -266,19 +267,19 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
       a.compute(T.get(), Pf.data(), C, L);  // a = Pᵀz − c
       transpose_group(grows, L, T.get());
       e.compute(T.get(), Qf.data(), nullptr, L);  // e = Qᵀg
-      for (int64_t x = 0; x < K * L.blocks16; ++x) dc[x] -= e.by_block[x];
+      for (int64_t x = 0; x < K * L.blocks_v; ++x) dc[x] -= e.by_block[x];
       const int64_t count = std::min(GR, M - grp * GR);
       for (int64_t ch = 0; ch < L.chunks; ++ch) {  // down the group: ∂P, ∂Q of the chunk's features in registers
-        v16 p[K], sum_P[K], sum_Q[K];
+        vf p[K], sum_P[K], sum_Q[K];
         for (int k = 0; k < K; ++k) {
-          const int64_t at = k * L.padded + ch * W16;
-          p[k] = load(Pf.data() + at), sum_P[k] = load(dP + at), sum_Q[k] = load(dQ + at);
+          const int64_t at = k * L.padded + ch * VF;
+          p[k] = loadf(Pf.data() + at), sum_P[k] = loadf(dP + at), sum_Q[k] = loadf(dQ + at);
         }
         for (int64_t t = 0; t < count; ++t) {
-          const v16 zc = L.read(zrows[t], ch), gc = L.read(grows[t], ch);
-          v16 out = gc;
+          const vf zc = L.read(zrows[t], ch), gc = L.read(grows[t], ch);
+          vf out = gc;
           for (int k = 0; k < K; ++k) {
-            const v16 ek = L.spread(e.row(t, k, L), ch);
+            const vf ek = L.spread(e.row(t, k, L), ch);
             sum_P[k] += zc * ek;
             sum_Q[k] += gc * L.spread(a.row(t, k, L), ch);
             out += ek * p[k];
@@ -286,8 +287,8 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
           if (GZ) L.write(GZ + (grp * GR + t) * d, ch, out);
         }
         for (int k = 0; k < K; ++k) {
-          const int64_t at = k * L.padded + ch * W16;
-          store(dP + at, sum_P[k]), store(dQ + at, sum_Q[k]);
+          const int64_t at = k * L.padded + ch * VF;
+          storef(dP + at, sum_P[k]), storef(dQ + at, sum_Q[k]);
         }
       }
     }
@@ -305,9 +306,9 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
   }
   for (int64_t i = 0; i < L.n; ++i) {
     for (int k = 0; k < K; ++k) {
-      v16 s{};
-      for (int th = 0; th < threads; ++th) s += grad_c[(th * K + k) * L.blocks16 + i];
-      oc[i * K + k] = hsum(s);
+      vf s{};
+      for (int th = 0; th < threads; ++th) s += grad_c[(th * K + k) * L.blocks_v + i];
+      oc[i * K + k] = lane_sum(s);
     }
   }
   return {grad_z, dP, dQ, dc};
@@ -320,25 +321,33 @@ std::vector<torch::Tensor> lowrank_backward(torch::Tensor grad, torch::Tensor z,
 template <int NV, int R, bool ACCUMULATE>
 inline void rows_times(const float* A, int64_t ar, int64_t ak, const float* B, int64_t bs, int64_t K, float* out,
                        int64_t os) {
-  v16 acc[R][NV];
+  constexpr int C = NV * W16 / VF;  // registers per row of b floats
+  vf acc[R][C];
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) acc[r][v] = ACCUMULATE ? load(out + r * os + v * W16) : v16{};
+    for (int v = 0; v < C; ++v) acc[r][v] = ACCUMULATE ? loadf(out + r * os + v * VF) : vf{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    v16 bk[NV];
-    for (int v = 0; v < NV; ++v) bk[v] = load(B + k * bs + v * W16);
+    vf bk[C];
+    for (int v = 0; v < C; ++v) bk[v] = loadf(B + k * bs + v * VF);
     for (int r = 0; r < R; ++r) {
       const float a = A[r * ar + k * ak];
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * bk[v];
+      for (int v = 0; v < C; ++v) acc[r][v] += a * bk[v];
     }
   }
   for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < NV; ++v) store(out + r * os + v * W16, acc[r][v]);
+    for (int v = 0; v < C; ++v) storef(out + r * os + v * VF, acc[r][v]);
   }
 }
 
-// Rows per call of rows_times: about 16 sums in registers, of the 32 (and a divisor of b, for ∂M's rows).
-template <int NV> constexpr int ROWS = NV == 1 ? 16 : NV == 2 ? 8 : 4;
+// Rows per call of rows_times: the largest power of two whose sums (``registers`` per row) fill at most half the
+// registers: 16/8/4/4 rows for b = 16/32/48/64 with AVX-512, 4/2/1/1 with AVX2. A power of two up to 16 divides
+// b, as ∂M's rows need.
+constexpr int rows_for(int registers) {
+  int r = 1;
+  while (2 * r * registers <= REGISTERS / 2) r *= 2;
+  return r;
+}
+template <int NV> constexpr int ROWS = rows_for(NV * W16 / VF);
 
 // Asks for block i's features (b = 16·NV, NV cache lines) of the rows [t0, t1) of X (rows × d) to be brought
 // into L2 ahead of their use. A block's lines lie a row (d floats) apart, farther than the hardware's
@@ -459,11 +468,11 @@ struct CayleyBlock {
   // C = A M for the first ``rows`` rows of B × B row-major A and C, one row of C at a time in registers.
   static void product(const float* A, const float* M, float* C, int64_t rows) {
     for (int64_t i = 0; i < rows; ++i) {
-      v16 acc[NV] = {};
+      vf acc[B / VF] = {};
       for (int64_t k = 0; k < B; ++k) {
-        for (int v = 0; v < NV; ++v) acc[v] += A[i * B + k] * load(M + k * B + v * W16);
+        for (int v = 0; v < B / VF; ++v) acc[v] += A[i * B + k] * loadf(M + k * B + v * VF);
       }
-      for (int v = 0; v < NV; ++v) store(C + i * B + v * W16, acc[v]);
+      for (int v = 0; v < B / VF; ++v) storef(C + i * B + v * VF, acc[v]);
     }
   }
 
@@ -478,20 +487,21 @@ struct CayleyBlock {
         A[j * B + i] = -theta[at];
       }
     }
-    const l8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    vl lane;
+    for (int l = 0; l < VD; ++l) lane[l] = l;
     for (int64_t k = 0; k < b; ++k) {  // Gauss–Jordan in place: A becomes (I + S)⁻¹ (rows past b stay I's)
       const double p = 1.0 / A[k * B + k];
-      d8 sweep[2 * NV];  // row k, scaled, as subtracted from the others (lane k: p + 1); stored with lane k: p
-      for (int v = 0; v < 2 * NV; ++v) {
-        const d8 e = lane + static_cast<long long>(v * 8) == static_cast<long long>(k) ? d8{} + 1.0 : d8{};
-        const d8 scaled = loadd(A + k * B + v * 8) * p;  // lane k: 1
-        stored(A + k * B + v * 8, scaled + (p - 1.0) * e);
+      vd sweep[B / VD];  // row k, scaled, as subtracted from the others (lane k: p + 1); stored with lane k: p
+      for (int v = 0; v < B / VD; ++v) {
+        const vd e = lane + static_cast<long long>(v * VD) == static_cast<long long>(k) ? vd{} + 1.0 : vd{};
+        const vd scaled = loadd(A + k * B + v * VD) * p;  // lane k: 1
+        stored(A + k * B + v * VD, scaled + (p - 1.0) * e);
         sweep[v] = scaled + p * e;
       }
       for (int64_t i = 0; i < b; ++i) {  // row i −= A_ik · row k, and A_ik becomes −A_ik p
         if (i == k) continue;
         const double f = A[i * B + k];
-        for (int v = 0; v < 2 * NV; ++v) stored(A + i * B + v * 8, loadd(A + i * B + v * 8) - f * sweep[v]);
+        for (int v = 0; v < B / VD; ++v) stored(A + i * B + v * VD, loadd(A + i * B + v * VD) - f * sweep[v]);
       }
     }
     for (int64_t i = 0; i < b; ++i) {

@@ -22,34 +22,32 @@
 #include <algorithm>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register, two AVX2 ones
-constexpr int64_t W16 = 16;
-constexpr int J = 8;   // dot products computed side by side: 2 rows × 8 = 16 vector accumulators
+using namespace peftlab_simd;  // vf: VF floats, the CPU's own vector register
+constexpr int64_t W16 = 16;     // the widths' required multiple (a cache line of floats)
+constexpr int J = REGISTERS / 4;  // dot products side by side: 2 rows × J vector accumulators, half the registers
 constexpr int RB = 8;  // rows per block in the outer products
-
-inline v16 load(const float* p) { v16 v; __builtin_memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof v); }
-inline float total(v16 v) { float s = 0; for (int i = 0; i < 16; ++i) s += v[i]; return s; }
 
 // out_a[j] = scale · ⟨row_a, P_j⟩ for the rows a < 2 (the second only if ``two``) and the R rows of P (R × L).
 template <int R>
 void dots(const float* row0, const float* row1, bool two, const float* P, int64_t L, float scale, float* out0,
           float* out1) {
   for (int j0 = 0; j0 < R; j0 += J) {
-    v16 acc0[J] = {}, acc1[J] = {};
-    for (int64_t k = 0; k < L; k += W16) {
-      const v16 a = load(row0 + k), b = two ? load(row1 + k) : v16{};
+    vf acc0[J] = {}, acc1[J] = {};
+    for (int64_t k = 0; k < L; k += VF) {
+      const vf a = loadf(row0 + k), b = two ? loadf(row1 + k) : vf{};
       for (int j = 0; j < J; ++j) {
-        const v16 p = load(P + (j0 + j) * L + k);
+        const vf p = loadf(P + (j0 + j) * L + k);
         acc0[j] += a * p;
         acc1[j] += b * p;
       }
     }
     for (int j = 0; j < J; ++j) {
-      out0[j0 + j] = scale * total(acc0[j]);
-      if (two) out1[j0 + j] = scale * total(acc1[j]);
+      out0[j0 + j] = scale * lane_sum(acc0[j]);
+      if (two) out1[j0 + j] = scale * lane_sum(acc1[j]);
     }
   }
 }
@@ -57,10 +55,10 @@ void dots(const float* row0, const float* row1, bool two, const float* P, int64_
 // row += Σ_j c[j] · P_j (P is R × L): the rank-R update of one row of y or ∂x.
 template <int R>
 void update(float* row, const float* c, const float* P, int64_t L) {
-  for (int64_t k = 0; k < L; k += W16) {
-    v16 v = load(row + k);
-    for (int j = 0; j < R; ++j) v += c[j] * load(P + j * L + k);
-    store(row + k, v);
+  for (int64_t k = 0; k < L; k += VF) {
+    vf v = loadf(row + k);
+    for (int j = 0; j < R; ++j) v += c[j] * loadf(P + j * L + k);
+    storef(row + k, v);
   }
 }
 
@@ -68,13 +66,13 @@ void update(float* row, const float* c, const float* P, int64_t L) {
 // in registers while each chunk of D_j is loaded and stored once.
 template <int R>
 void outer(float* D, const float* const* rows, const float (*c)[R], int64_t L) {
-  for (int64_t k = 0; k < L; k += W16) {
-    v16 chunk[RB];
-    for (int a = 0; a < RB; ++a) chunk[a] = load(rows[a] + k);
+  for (int64_t k = 0; k < L; k += VF) {
+    vf chunk[RB];
+    for (int a = 0; a < RB; ++a) chunk[a] = loadf(rows[a] + k);
     for (int j = 0; j < R; ++j) {
-      v16 v = load(D + j * L + k);
+      vf v = loadf(D + j * L + k);
       for (int a = 0; a < RB; ++a) v += c[a][j] * chunk[a];
-      store(D + j * L + k, v);
+      storef(D + j * L + k, v);
     }
   }
 }
