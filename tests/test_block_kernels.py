@@ -222,3 +222,42 @@ def test_the_kernels_use_torch_s_thread_count():
         torch.set_num_threads(threads)
     for many, one in zip(*results):
         assert _relative(many, one) < 1e-6
+
+
+# The other common vector width: the AVX-512 build's 16 lanes on an AVX2 CPU, AVX2's 8 on an AVX-512 one.
+OTHER_WIDTH = 16 if kernels.native_width() != 16 else 8
+
+
+@needs_kernel
+def test_the_kernels_built_for_the_other_vector_width_give_the_same_values():
+    """The block kernel's code differs by vector width (groups of VF rows, VF × VF transposes, rows per call): built
+    for the other common width, it matches this CPU's build on every entry point. (The LoRA kernel's code differs
+    only in its loop steps; one build of it costs as much as this one, a minute of the suite, so it is left out.)"""
+    other = kernels.other_width("blocks_cpu", OTHER_WIDTH)
+    if other is None:
+        pytest.skip(f"the block kernel could not be built for {OTHER_WIDTH}-float vectors here")
+    native = kernels.blocks_cpu()
+    g = torch.Generator().manual_seed(0)
+
+    def same(a, b):
+        for x, y in zip(a if isinstance(a, (list, tuple)) else [a], b if isinstance(b, (list, tuple)) else [b]):
+            assert x.shape == y.shape and (x.numel() == 0 or _relative(x, y) <= 1e-5)
+
+    for tokens, n, b in LOW_RANK_SHAPES:
+        for k in (1, 2):
+            z, grad = torch.randn(tokens, n * b, generator=g), torch.randn(tokens, n * b, generator=g)
+            p, q, c = torch.randn(n, b, k, generator=g), torch.randn(n, b, k, generator=g), torch.randn(n, k, generator=g)
+            same(other.lowrank_forward(z, p, q, c), native.lowrank_forward(z, p, q, c))
+            same(other.lowrank_backward(grad, z, p, q, c, True), native.lowrank_backward(grad, z, p, q, c, True))
+    for tokens, n, b in [(37, 18, 32), (9, 3, 16), (5, 2, 48), (1, 3, 64), (150, 3, 16), (133, 2, 32), (129, 2, 64)]:
+        z, grad, M = (torch.randn(tokens, n * b, generator=g), torch.randn(tokens, n * b, generator=g),
+                      torch.randn(n, b, b, generator=g) / b ** 0.5)
+        same(other.dense_forward(z, M), native.dense_forward(z, M))
+        same(other.dense_backward(grad, z, M, True), native.dense_backward(grad, z, M, True))
+        same(other.dense_products(z, grad, b), native.dense_products(z, grad, b))
+    for b in (2, 5, 17, 32, 48, 64):
+        theta = 0.1 * torch.randn(3, b * (b - 1) // 2, generator=g)
+        R = native.cayley_forward(theta, b)
+        same(other.cayley_forward(theta, b), R)
+        grad = torch.randn(3, b, b, generator=g)
+        same(other.cayley_backward(grad, R), native.cayley_backward(grad, R))

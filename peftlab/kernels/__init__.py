@@ -35,9 +35,10 @@ CAYLEY_MAX_BLOCK = 64  # OFT's Cayley transform in the kernel: blocks of 2 to 64
 _FLAGS = {"AVX512": ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 
 
-def _build(name: str, what: str, fallback: str):
+def _build(name: str, what: str, fallback: str, width: int | None = None):
     """The extension compiled from ``name``.cpp beside this file, or None (with one warning) where it cannot be
-    built, or where kernels are switched off."""
+    built, or where kernels are switched off. ``width``: vectors of that many floats in place of the CPU's own
+    (``other_width``)."""
     if os.environ.get("PEFTLAB_KERNELS", "1") == "0":
         return None
     from torch.utils import cpp_extension
@@ -46,8 +47,10 @@ def _build(name: str, what: str, fallback: str):
 
     _find_ninja()
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = _FLAGS.get(capability, [])
-    build = cache_dir() / "kernels" / f"{name}_{capability.lower()}"
+    # Another width's build is for checking values, not speed: -O1 (after -O3, so it wins) compiles faster.
+    flags = _FLAGS.get(capability, []) + ([f"-DPEFTLAB_VF={width}", "-O1"] if width else [])
+    variant = capability.lower() + (f"_vf{width}" if width else "")
+    build = cache_dir() / "kernels" / f"{name}_{variant}"
     try:
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):  # the first use on this machine: say why the first step takes longer
@@ -55,7 +58,7 @@ def _build(name: str, what: str, fallback: str):
         # The loader rebuilds when a source or a flag changes, but does not read included headers: their digest,
         # passed as a flag, makes a changed header rebuild too.
         headers = hashlib.sha1(b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h"))))
-        return cpp_extension.load(f"peftlab_{name}_{capability.lower()}", [str(Path(__file__).with_name(f"{name}.cpp"))],
+        return cpp_extension.load(f"peftlab_{name}_{variant}", [str(Path(__file__).with_name(f"{name}.cpp"))],
                                   build_directory=str(build),
                                   extra_cflags=["-O3", "-fopenmp", *flags, f"-DPEFTLAB_HEADERS={headers.hexdigest()[:16]}"],
                                   extra_ldflags=["-fopenmp"], verbose=False)
@@ -79,6 +82,20 @@ def blocks_cpu():
     """The compiled block-transform kernels (``lowrank_forward``/``backward``, ``dense_forward``/``backward``,
     ``cayley_forward``/``backward``), or None where they are switched off or cannot be built."""
     return _build("blocks_cpu", "CPU block-transform kernel", "ETHER and OFT use PyTorch's operations")
+
+
+def native_width() -> int:
+    """Floats per vector register in the kernels built for this CPU (``simd.h``): 16 with AVX-512, 8 with AVX2, else 4."""
+    return {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 4)
+
+
+@functools.cache
+def other_width(name: str, width: int):
+    """The kernel ``name`` (``"lora_cpu"`` or ``"blocks_cpu"``) built for vectors of ``width`` floats whatever this
+    CPU has, or None where it cannot be built. The kernels' code differs by width (the low-rank transform's groups
+    and transposes, the dense kernel's rows per call), and a CPU runs only its own natively: a wider width than
+    the CPU's is emulated by the compiler, slowly but with the same lanes, so its code can be checked here."""
+    return _build(name, f"{name} kernel for {width}-float vectors", "not tested at that width", width=width)
 
 
 def _find_ninja() -> None:

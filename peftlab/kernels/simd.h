@@ -9,17 +9,16 @@
 
 namespace peftlab_simd {
 
-#if defined(__AVX512F__)
+#if defined(PEFTLAB_VF)  // given as -DPEFTLAB_VF=16: another width's code, to test it on this CPU (slowly)
+#elif defined(__AVX512F__)
 #define PEFTLAB_VF 16  // also for the preprocessor: shuffles list their lanes
-constexpr int REGISTERS = 32;
 #elif defined(__AVX__)
 #define PEFTLAB_VF 8
-constexpr int REGISTERS = 16;
 #else
 #define PEFTLAB_VF 4
-constexpr int REGISTERS = 16;
 #endif
 constexpr int VF = PEFTLAB_VF;
+constexpr int REGISTERS = VF == 16 ? 32 : 16;  // vector registers: AVX-512 has 32, AVX2 and SSE 16
 constexpr int VD = VF / 2;  // doubles per register
 
 typedef float vf __attribute__((vector_size(VF * 4)));
