@@ -30,7 +30,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # Blocks under 16 features, between 16 and 32, of exactly 16, over 32, of one; one token, odd token counts (the
-# kernel takes rows 16 at a time), one block, more than 32 blocks; widths that are not multiples of 16.
+# kernel takes rows 8 or 16 at a time), one block, more than 32 blocks; widths that are not multiples of 16.
 LOW_RANK_SHAPES = [(37, 32, 18), (5, 32, 6), (64, 32, 48), (3, 4, 5), (1, 3, 7), (2, 1, 33), (9, 2, 16),
                    (40, 40, 3), (17, 48, 1), (33, 5, 20)]
 
