@@ -65,7 +65,7 @@ def _build(name: str, what: str, fallback: str, width: int | None = None):
     except Exception as err:  # no compiler, no ninja, a read-only cache: the PyTorch form still works
         errors = [line for line in str(err).splitlines() if "error" in line.lower() and "building extension" not in line]
         reason = " ".join((errors[0] if errors else str(err)).split())[:200]  # the compiler's first error, not its command
-        warnings.warn(f"peftlab: the {what} could not be built ({reason}); {fallback} (slower). Install a C++ "
+        warnings.warn(f"peftlab: the {what} could not be built ({reason}); {fallback}. Install a C++ "
                       "compiler and ninja, or set PEFTLAB_KERNELS=0 to silence this", stacklevel=4)
         return None
 
@@ -74,14 +74,14 @@ def _build(name: str, what: str, fallback: str, width: int | None = None):
 def lora_cpu():
     """The compiled LoRA kernels (``forward``, ``backward``), or None where they are switched off or cannot
     be built."""
-    return _build("lora_cpu", "CPU LoRA kernel", "LoRA uses PyTorch's products")
+    return _build("lora_cpu", "CPU LoRA kernel", "LoRA uses PyTorch's products (slower)")
 
 
 @functools.cache
 def blocks_cpu():
     """The compiled block-transform kernels (``lowrank_forward``/``backward``, ``dense_forward``/``backward``,
     ``cayley_forward``/``backward``), or None where they are switched off or cannot be built."""
-    return _build("blocks_cpu", "CPU block-transform kernel", "ETHER and OFT use PyTorch's operations")
+    return _build("blocks_cpu", "CPU block-transform kernel", "ETHER and OFT use PyTorch's operations (slower)")
 
 
 def native_width() -> int:
@@ -95,7 +95,8 @@ def other_width(name: str, width: int):
     CPU has, or None where it cannot be built. The kernels' code differs by width (the low-rank transform's groups
     and transposes, the dense kernel's rows per call), and a CPU runs only its own natively: a wider width than
     the CPU's is emulated by the compiler, slowly but with the same lanes, so its code can be checked here."""
-    return _build(name, f"{name} kernel for {width}-float vectors", "not tested at that width", width=width)
+    return _build(name, f"{name} kernel for {width}-float vectors", "its code for that width goes unchecked",
+                  width=width)
 
 
 def _find_ninja() -> None:
