@@ -35,12 +35,14 @@ def test_the_first_build_says_so(monkeypatch, fresh_kernel_lookup, tmp_path, cap
 
     monkeypatch.delenv("PEFTLAB_KERNELS", raising=False)
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: "built")
-    assert kernels.lora_cpu() == "built"
+    loads = []
+    monkeypatch.setattr(cpp_extension, "load", lambda name, *args, **kwargs: loads.append(name) or f"/b/{name}.so")
+    ops = kernels.lora_cpu()  # the operators the library registers, under its name
+    assert ops is getattr(torch.ops, loads[-1]) and loads[-1].startswith("peftlab_lora_cpu_")
     assert "building the CPU LoRA kernel" in capsys.readouterr().err
     kernels.lora_cpu.cache_clear()
     next((tmp_path / "kernels").iterdir()).joinpath("kernel.so").touch()  # built before: nothing to say
-    assert kernels.lora_cpu() == "built" and capsys.readouterr().err == ""
+    assert kernels.lora_cpu() is ops and capsys.readouterr().err == "" and len(loads) == 2
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, fresh_kernel_lookup):

@@ -36,8 +36,8 @@ _FLAGS = {"AVX512": ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-m
 
 
 def _build(name: str, what: str, fallback: str, width: int | None = None):
-    """The extension compiled from ``name``.cpp beside this file, or None (with one warning) where it cannot be
-    built, or where kernels are switched off. ``width``: vectors of that many floats in place of the CPU's own
+    """The operators of the library compiled from ``name``.cpp beside this file (``torch.ops.<library>``), or None
+    (with one warning) where it cannot be built, or where kernels are switched off. ``width``: vectors of that many floats in place of the CPU's own
     (``other_width``)."""
     if os.environ.get("PEFTLAB_KERNELS", "1") == "0":
         return None
@@ -58,10 +58,14 @@ def _build(name: str, what: str, fallback: str, width: int | None = None):
         # The loader rebuilds when a source or a flag changes, but does not read included headers: their digest,
         # passed as a flag, makes a changed header rebuild too.
         headers = hashlib.sha1(b"".join(h.read_bytes() for h in sorted(Path(__file__).parent.glob("*.h"))))
-        return cpp_extension.load(f"peftlab_{name}_{variant}", [str(Path(__file__).with_name(f"{name}.cpp"))],
-                                  build_directory=str(build),
-                                  extra_cflags=["-O3", "-fopenmp", *flags, f"-DPEFTLAB_HEADERS={headers.hexdigest()[:16]}"],
-                                  extra_ldflags=["-fopenmp"], verbose=False)
+        # Operators registered with PyTorch's dispatcher (TORCH_LIBRARY), not a Python module: no pybind11 and
+        # Python headers to compile (extension.h says what that saves).
+        cflags = ["-O3", "-fopenmp", *flags, f"-DPEFTLAB_HEADERS={headers.hexdigest()[:16]}"]
+        library = cpp_extension.load(f"peftlab_{name}_{variant}", [str(Path(__file__).with_name(f"{name}.cpp"))],
+                                     build_directory=str(build), extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                                     is_python_module=False, verbose=False)
+        # the operators' namespace is the library's name, which the loader suffixes (_v1, …) on a rebuild in-process
+        return getattr(torch.ops, Path(library).stem)
     except Exception as err:  # no compiler, no ninja, a read-only cache: the PyTorch form still works
         errors = [line for line in str(err).splitlines() if "error" in line.lower() and "building extension" not in line]
         reason = " ".join((errors[0] if errors else str(err)).split())[:200]  # the compiler's first error, not its command

@@ -23,7 +23,7 @@
 // as n × b × b with b = 16, 32, 48 or 64. Any block size for the low-rank transform: a row is read in chunks of
 // VF features, the last one masked, and written only up to its end; the last row of the tensor is read from a
 // padded copy: nothing outside the tensors is touched.
-#include <torch/extension.h>
+#include "extension.h"
 #include <omp.h>
 
 #include <algorithm>
@@ -657,12 +657,20 @@ torch::Tensor cayley_bwd(torch::Tensor grad, torch::Tensor R) {
   }
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lowrank_forward", &lowrank_fwd, "y_i = z_i + Q_i (P_iᵀ z_i − c_i) per block, P and Q (n × b × k)");
-  m.def("lowrank_backward", &lowrank_bwd, "(∂z, ∂P, ∂Q, ∂c) of the low-rank block transform");
-  m.def("dense_forward", &dense_fwd, "y_i = z_i M_i per block of b features (b = 16, 32, 48 or 64), M (n × b × b)");
-  m.def("dense_backward", &dense_bwd, "(∂z, ∂M) of the dense block transform");
-  m.def("dense_products", &dense_products, "block i of leftᵀ right for blocks of b = 16, 32, 48 or 64 features");
-  m.def("cayley_forward", &cayley_fwd, "R = (I − S)(I + S)⁻¹ per block, S skew from θ (blocks × b(b−1)/2)");
-  m.def("cayley_backward", &cayley_bwd, "∂θ of the Cayley transform from ∂R and R");
+// Registered as PyTorch operators (torch.ops.<the build's name>).
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  // y_i = z_i + Q_i (P_iᵀ z_i − c_i) per block, P and Q (n × b × k)
+  m.def("lowrank_forward(Tensor z, Tensor P, Tensor Q, Tensor c) -> Tensor", &lowrank_fwd);
+  // (∂z, ∂P, ∂Q, ∂c) of the low-rank block transform
+  m.def("lowrank_backward(Tensor grad, Tensor z, Tensor P, Tensor Q, Tensor c, bool need_z) -> Tensor[]", &lowrank_bwd);
+  // y_i = z_i M_i per block of b features (b = 16, 32, 48 or 64), M (n × b × b)
+  m.def("dense_forward(Tensor z, Tensor M) -> Tensor", &dense_fwd);
+  // (∂z, ∂M) of the dense block transform
+  m.def("dense_backward(Tensor grad, Tensor z, Tensor M, bool need_z) -> Tensor[]", &dense_bwd);
+  // block i of leftᵀ right for blocks of b = 16, 32, 48 or 64 features
+  m.def("dense_products(Tensor left, Tensor right, int b) -> Tensor", &dense_products);
+  // R = (I − S)(I + S)⁻¹ per block, S skew from θ (blocks × b(b−1)/2)
+  m.def("cayley_forward(Tensor theta, int b) -> Tensor", &cayley_fwd);
+  // ∂θ of the Cayley transform from ∂R and R
+  m.def("cayley_backward(Tensor grad, Tensor R) -> Tensor", &cayley_bwd);
 }

@@ -16,7 +16,7 @@
 //
 // Requirements, checked by the caller: float32, contiguous, r one of 8, 16, 32, 64 (compiled for each, so that
 // the loops over r unroll and stay in registers), K and N multiples of 16.
-#include <torch/extension.h>
+#include "extension.h"
 #include <omp.h>
 
 #include <algorithm>
@@ -172,7 +172,11 @@ std::vector<torch::Tensor> lora_backward(torch::Tensor g, torch::Tensor x, torch
   TORCH_CHECK(false, "peftlab's LoRA kernel takes r = 8, 16, 32 or 64, not ", A.size(0));
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &lora_forward, "y += s·(x Aᵀ) Bᵀ in place; returns h = x Aᵀ");
-  m.def("backward", &lora_backward, "∂x += s·(g B) A in place; returns (∂A, ∂Bᵀ)");
+// Registered as PyTorch operators (torch.ops.<the build's name>), the schemas marking the tensors written in place.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  // y += s·(x Aᵀ) Bᵀ in place; returns h = x Aᵀ
+  m.def("forward(Tensor x, Tensor A, Tensor Bt, Tensor(a!) y, float scaling) -> Tensor", &lora_forward);
+  // ∂x += s·(g B) A in place; returns (∂A, ∂Bᵀ)
+  m.def("backward(Tensor g, Tensor x, Tensor h, Tensor A, Tensor Bt, Tensor(a!) grad_x, float scaling) -> Tensor[]",
+        &lora_backward);
 }
