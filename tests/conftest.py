@@ -9,6 +9,14 @@ import torch
 
 from peftlab.models import tiny_model, tiny_tokenizer
 
+# The kernels' other common vector width: the AVX-512 build's 16 lanes on an AVX2 CPU, AVX2's 8 on an AVX-512 one
+# (peftlab.kernels.other_width; tests/test_block_kernels.py and tests/test_kernels.py).
+def other_vector_width() -> int:
+    from peftlab import kernels
+
+    return 16 if kernels.native_width() != 16 else 8
+
+
 SHARED_DATA = Path(os.environ.get("PEFTLAB_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import peftlab.kernels as kernels
-from conftest import randomize_adapters
+from conftest import other_vector_width, randomize_adapters
 from peftlab.adapters import EtherConfig, EtherPlusConfig, EtherPlusHHConfig, OftConfig
 from peftlab.adapters.base import method_class
 from peftlab.adapters.blockwise import dense_blocks, low_rank_blocks
@@ -224,15 +224,13 @@ def test_the_kernels_use_torch_s_thread_count():
         assert _relative(many, one) < 1e-6
 
 
-# The other common vector width: the AVX-512 build's 16 lanes on an AVX2 CPU, AVX2's 8 on an AVX-512 one.
-OTHER_WIDTH = 16 if kernels.native_width() != 16 else 8
+OTHER_WIDTH = other_vector_width()
 
 
 @needs_kernel
 def test_the_kernels_built_for_the_other_vector_width_give_the_same_values():
     """The block kernel's code differs by vector width (groups of VF rows, VF × VF transposes, rows per call): built
-    for the other common width, it matches this CPU's build on every entry point. (The LoRA kernel's code differs
-    only in its loop steps; one build of it costs as much as this one, a minute of the suite, so it is left out.)"""
+    for the other common width, it matches this CPU's build on every entry point (the LoRA kernel: test_kernels.py)."""
     other = kernels.other_width("blocks_cpu", OTHER_WIDTH)
     if other is None:
         pytest.skip(f"the block kernel could not be built for {OTHER_WIDTH}-float vectors here")

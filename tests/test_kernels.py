@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import peftlab.kernels as kernels
-from conftest import randomize_adapters
+from conftest import other_vector_width, randomize_adapters
 from peftlab.adapters import LoraConfig
 from peftlab.adapters.lora import form
 from peftlab.inject import add_adapter, set_active
@@ -99,3 +99,29 @@ def test_the_kernel_refuses_what_it_cannot_take():
         kernel.forward(torch.zeros(32, 4).t(), torch.zeros(8, 32), torch.zeros(8, 32), y, 1.0)
     with pytest.raises(RuntimeError, match="contiguous float32 CPU tensors"):
         kernel.forward(torch.zeros(4, 32, dtype=torch.float64), torch.zeros(8, 32), torch.zeros(8, 32), y, 1.0)
+
+
+@pytest.mark.skipif(kernels.lora_cpu() is None, reason="the CPU LoRA kernel could not be built here")
+def test_the_lora_kernel_built_for_the_other_vector_width_gives_the_same_values():
+    """The LoRA kernel's loops step by the vector width and keep REGISTERS/4 dot products side by side (8 with
+    AVX-512's 32 registers, 4 otherwise): built for the other common width (emulated where the CPU lacks it), it
+    matches this CPU's build, forward and backward, for every compiled rank and token counts that leave a row over
+    per pair of rows and per block of 8."""
+    width = other_vector_width()
+    other = kernels.other_width("lora_cpu", width)
+    if other is None:
+        pytest.skip(f"the LoRA kernel could not be built for {width}-float vectors here")
+    native, g = kernels.lora_cpu(), torch.Generator().manual_seed(0)
+    for r in kernels.RANKS:
+        for tokens, K, N in [(37, 48, 80), (1, 16, 32), (8, 576, 192), (19, 160, 16)]:
+            x, A = torch.randn(tokens, K, generator=g), torch.randn(r, K, generator=g) / K ** 0.5
+            Bt, grad = torch.randn(r, N, generator=g), torch.randn(tokens, N, generator=g)
+            y = torch.randn(tokens, N, generator=g)
+            y_other, y_native = y.clone(), y.clone()
+            h_other, h_native = other.forward(x, A, Bt, y_other, 0.5), native.forward(x, A, Bt, y_native, 0.5)
+            gx = torch.randn(tokens, K, generator=g)
+            gx_other, gx_native = gx.clone(), gx.clone()
+            outs_other = [h_other, y_other, *other.backward(grad, x, h_native, A, Bt, gx_other, 0.5), gx_other]
+            outs_native = [h_native, y_native, *native.backward(grad, x, h_native, A, Bt, gx_native, 0.5), gx_native]
+            for a, b in zip(outs_other, outs_native):
+                assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (r, tokens, K, N)
