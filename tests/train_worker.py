@@ -1,8 +1,9 @@
 """Trains the tiny model with LoRA (or ``--method``) on seeded synthetic data; run directly or under torchrun.
 
     python tests/train_worker.py OUT --micro 8              # one process
-    torchrun --nproc_per_node 2 tests/train_worker.py OUT --micro 4 --method etherplus_hh
-Writes OUT/adapter.safetensors (the final adapter); used by test_train.py.
+    torchrun --nproc_per_node 2 tests/train_worker.py OUT --micro 4 --method lora,etherplus_hh
+Writes OUT/adapter.safetensors (the final adapter), or with several methods OUT/METHOD/adapter.safetensors, one
+run after the other in the same processes (one start-up); used by test_train.py.
 """
 import argparse
 import sys
@@ -47,6 +48,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("--micro", type=int, default=8)
-    parser.add_argument("--method", default="lora", choices=["lora", "etherplus_hh"])
+    parser.add_argument("--method", default="lora", help="lora, etherplus_hh or both, comma-separated")
     args = parser.parse_args()
-    run(args.output_dir, micro_batch_size=args.micro, method=args.method)
+    methods = args.method.split(",")
+    for method in methods:
+        if method not in ("lora", "etherplus_hh"):
+            parser.error(f"--method: {method!r} is not lora or etherplus_hh")
+        output_dir = args.output_dir if len(methods) == 1 else f"{args.output_dir}/{method}"
+        run(output_dir, micro_batch_size=args.micro, method=method)
