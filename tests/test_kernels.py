@@ -37,6 +37,7 @@ def test_the_first_build_says_so(monkeypatch, fresh_kernel_lookup, tmp_path, cap
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))
     loads = []
     monkeypatch.setattr(cpp_extension, "load", lambda name, *args, **kwargs: loads.append(name) or f"/b/{name}.so")
+    monkeypatch.setattr(kernels, "_register_shapes", lambda *args: None)  # no operators were loaded
     ops = kernels.lora_cpu()  # the operators the library registers, under its name
     assert ops is getattr(torch.ops, loads[-1]) and loads[-1].startswith("peftlab_lora_cpu_")
     assert "building the CPU LoRA kernel" in capsys.readouterr().err
@@ -125,3 +126,37 @@ def test_the_lora_kernel_built_for_the_other_vector_width_gives_the_same_values(
             outs_native = [h_native, y_native, *native.backward(grad, x, h_native, A, Bt, gx_native, 0.5), gx_native]
             for a, b in zip(outs_other, outs_native):
                 assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (r, tokens, K, N)
+
+
+def _operator_cases():
+    """Each operator of both kernels with inputs it takes, the optional tensors both given and empty."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    lora, blocks = kernels.lora_cpu(), kernels.blocks_cpu()
+    x, A, Bt, y = r(5, 32), r(8, 32), r(8, 48), r(5, 48)
+    h = lora.forward(x, A, Bt, y.clone(), 0.5)
+    R = blocks.cayley_forward(r(3, 10), 5)
+    return [(lora.forward, (x, A, Bt, y, 0.5)), (lora.backward, (r(5, 48), x, h, A, Bt, r(5, 32), 0.5)),
+            (lora.backward, (r(5, 48), x, h, A, Bt, torch.empty(0), 0.5)),
+            (blocks.lowrank_forward, (r(7, 40), r(4, 10, 2), r(4, 10, 2), r(4, 2))),
+            (blocks.lowrank_forward, (r(7, 40), r(4, 10, 1), r(4, 10, 1), torch.empty(0))),
+            (blocks.lowrank_backward, (r(7, 40), r(7, 40), r(4, 10, 2), r(4, 10, 2), r(4, 2), True)),
+            (blocks.lowrank_backward, (r(7, 40), r(7, 40), r(4, 10, 1), r(4, 10, 1), torch.empty(0), False)),
+            (blocks.dense_forward, (r(7, 64), r(2, 32, 32))),
+            (blocks.dense_backward, (r(7, 64), r(7, 64), r(2, 32, 32), True)),
+            (blocks.dense_backward, (r(7, 64), r(7, 64), r(2, 32, 32), False)),
+            (blocks.dense_products, (r(7, 64), r(7, 64), 32)), (blocks.cayley_forward, (r(3, 10), 5)),
+            (blocks.cayley_backward, (r(3, 5, 5), R))]
+
+
+@pytest.mark.skipif(kernels.lora_cpu() is None or kernels.blocks_cpu() is None,
+                    reason="the CPU kernels could not be built here")
+def test_the_operators_declare_what_they_write_and_return():
+    """PyTorch's own check of each operator: its schema marks exactly the tensors it writes in place, and the
+    shapes registered for tracing (``torch.compile``) are those the kernel returns."""
+    for op, args in _operator_cases():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+

@@ -37,8 +37,8 @@ _FLAGS = {"AVX512": ["-mavx512f", "-mavx512vl", "-mavx2", "-mfma"], "AVX2": ["-m
 
 def _build(name: str, what: str, fallback: str, width: int | None = None):
     """The operators of the library compiled from ``name``.cpp beside this file (``torch.ops.<library>``), or None
-    (with one warning) where it cannot be built, or where kernels are switched off. ``width``: vectors of that many floats in place of the CPU's own
-    (``other_width``)."""
+    (with one warning) where it cannot be built, or where kernels are switched off. ``width``: vectors of that many
+    floats in place of the CPU's own (``other_width``)."""
     if os.environ.get("PEFTLAB_KERNELS", "1") == "0":
         return None
     from torch.utils import cpp_extension
@@ -64,14 +64,45 @@ def _build(name: str, what: str, fallback: str, width: int | None = None):
         library = cpp_extension.load(f"peftlab_{name}_{variant}", [str(Path(__file__).with_name(f"{name}.cpp"))],
                                      build_directory=str(build), extra_cflags=cflags, extra_ldflags=["-fopenmp"],
                                      is_python_module=False, verbose=False)
-        # the operators' namespace is the library's name, which the loader suffixes (_v1, …) on a rebuild in-process
-        return getattr(torch.ops, Path(library).stem)
     except Exception as err:  # no compiler, no ninja, a read-only cache: the PyTorch form still works
         errors = [line for line in str(err).splitlines() if "error" in line.lower() and "building extension" not in line]
         reason = " ".join((errors[0] if errors else str(err)).split())[:200]  # the compiler's first error, not its command
         warnings.warn(f"peftlab: the {what} could not be built ({reason}); {fallback}. Install a C++ "
                       "compiler and ninja, or set PEFTLAB_KERNELS=0 to silence this", stacklevel=4)
         return None
+    # the operators' namespace is the library's name, which the loader suffixes (_v1, …) on a rebuild in-process
+    namespace = Path(library).stem
+    _register_shapes(namespace, name)
+    return getattr(torch.ops, namespace)
+
+
+def _register_shapes(namespace: str, name: str) -> None:
+    """Each operator's outputs as shapes alone (``torch.library.register_fake``), for tracers: ``torch.compile`` puts
+    the operators into its graphs (the kernels run there) instead of failing on them."""
+    def like(t):
+        return torch.empty_like(t)
+
+    def new(t, *shape):
+        return t.new_empty(shape)
+
+    def grad_z(z, need_z):  # a backward's ∂z, or an empty tensor where z needs none
+        return like(z) if need_z else new(z, 0)
+
+    shapes = {
+        "lora_cpu": {
+            "forward": lambda x, A, Bt, y, s: new(x, x.shape[0], A.shape[0]),  # h (y is written in place)
+            "backward": lambda g, x, h, A, Bt, grad_x, s: [like(A), like(Bt)]},  # (∂x is written in place)
+        "blocks_cpu": {
+            "lowrank_forward": lambda z, P, Q, c: like(z),
+            "lowrank_backward": lambda g, z, P, Q, c, need_z: [grad_z(z, need_z), like(P), like(Q),
+                                                               new(z, P.shape[0], P.shape[2])],
+            "dense_forward": lambda z, M: like(z),
+            "dense_backward": lambda g, z, M, need_z: [grad_z(z, need_z), like(M)],
+            "dense_products": lambda left, right, b: new(left, left.shape[1] // b, b, b),
+            "cayley_forward": lambda theta, b: new(theta, theta.shape[0], b, b),
+            "cayley_backward": lambda g, R: new(R, R.shape[0], R.shape[1] * (R.shape[1] - 1) // 2)}}
+    for op, fake in shapes[name].items():
+        torch.library.register_fake(f"{namespace}::{op}", fake)
 
 
 @functools.cache

@@ -660,17 +660,28 @@ torch::Tensor cayley_bwd(torch::Tensor grad, torch::Tensor R) {
 // Registered as PyTorch operators (torch.ops.<the build's name>).
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   // y_i = z_i + Q_i (P_iᵀ z_i − c_i) per block, P and Q (n × b × k)
-  m.def("lowrank_forward(Tensor z, Tensor P, Tensor Q, Tensor c) -> Tensor", &lowrank_fwd);
+  m.def("lowrank_forward(Tensor z, Tensor P, Tensor Q, Tensor c) -> Tensor");
   // (∂z, ∂P, ∂Q, ∂c) of the low-rank block transform
-  m.def("lowrank_backward(Tensor grad, Tensor z, Tensor P, Tensor Q, Tensor c, bool need_z) -> Tensor[]", &lowrank_bwd);
+  m.def("lowrank_backward(Tensor grad, Tensor z, Tensor P, Tensor Q, Tensor c, bool need_z) -> Tensor[]");
   // y_i = z_i M_i per block of b features (b = 16, 32, 48 or 64), M (n × b × b)
-  m.def("dense_forward(Tensor z, Tensor M) -> Tensor", &dense_fwd);
+  m.def("dense_forward(Tensor z, Tensor M) -> Tensor");
   // (∂z, ∂M) of the dense block transform
-  m.def("dense_backward(Tensor grad, Tensor z, Tensor M, bool need_z) -> Tensor[]", &dense_bwd);
+  m.def("dense_backward(Tensor grad, Tensor z, Tensor M, bool need_z) -> Tensor[]");
   // block i of leftᵀ right for blocks of b = 16, 32, 48 or 64 features
-  m.def("dense_products(Tensor left, Tensor right, int b) -> Tensor", &dense_products);
+  m.def("dense_products(Tensor left, Tensor right, int b) -> Tensor");
   // R = (I − S)(I + S)⁻¹ per block, S skew from θ (blocks × b(b−1)/2)
-  m.def("cayley_forward(Tensor theta, int b) -> Tensor", &cayley_fwd);
+  m.def("cayley_forward(Tensor theta, int b) -> Tensor");
   // ∂θ of the Cayley transform from ∂R and R
-  m.def("cayley_backward(Tensor grad, Tensor R) -> Tensor", &cayley_bwd);
+  m.def("cayley_backward(Tensor grad, Tensor R) -> Tensor");
+}
+
+// The implementations, for CPU tensors (the Python side gives shapes for tracing: kernels/__init__.py).
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("lowrank_forward", &lowrank_fwd);
+  m.impl("lowrank_backward", &lowrank_bwd);
+  m.impl("dense_forward", &dense_fwd);
+  m.impl("dense_backward", &dense_bwd);
+  m.impl("dense_products", &dense_products);
+  m.impl("cayley_forward", &cayley_fwd);
+  m.impl("cayley_backward", &cayley_bwd);
 }

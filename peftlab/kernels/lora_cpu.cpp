@@ -175,8 +175,13 @@ std::vector<torch::Tensor> lora_backward(torch::Tensor g, torch::Tensor x, torch
 // Registered as PyTorch operators (torch.ops.<the build's name>), the schemas marking the tensors written in place.
 TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   // y += s·(x Aᵀ) Bᵀ in place; returns h = x Aᵀ
-  m.def("forward(Tensor x, Tensor A, Tensor Bt, Tensor(a!) y, float scaling) -> Tensor", &lora_forward);
+  m.def("forward(Tensor x, Tensor A, Tensor Bt, Tensor(a!) y, float scaling) -> Tensor");
   // ∂x += s·(g B) A in place; returns (∂A, ∂Bᵀ)
-  m.def("backward(Tensor g, Tensor x, Tensor h, Tensor A, Tensor Bt, Tensor(a!) grad_x, float scaling) -> Tensor[]",
-        &lora_backward);
+  m.def("backward(Tensor g, Tensor x, Tensor h, Tensor A, Tensor Bt, Tensor(a!) grad_x, float scaling) -> Tensor[]");
+}
+
+// The implementations, for CPU tensors (the Python side gives shapes for tracing: kernels/__init__.py).
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("forward", &lora_forward);
+  m.impl("backward", &lora_backward);
 }
