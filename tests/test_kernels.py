@@ -154,6 +154,7 @@ def _operator_cases():
 
 @pytest.mark.skipif(kernels.lora_cpu() is None or kernels.blocks_cpu() is None,
                     reason="the CPU kernels could not be built here")
+@pytest.mark.skipif(not hasattr(torch.library, "opcheck"), reason="torch.library.opcheck needs torch >= 2.4")
 def test_the_operators_declare_what_they_write_and_return():
     """PyTorch's own check of each operator: its schema marks exactly the tensors it writes in place, and the
     shapes registered for tracing (``torch.compile``) are those the kernel returns."""

@@ -101,8 +101,9 @@ def _register_shapes(namespace: str, name: str) -> None:
             "dense_products": lambda left, right, b: new(left, left.shape[1] // b, b, b),
             "cayley_forward": lambda theta, b: new(theta, theta.shape[0], b, b),
             "cayley_backward": lambda g, R: new(R, R.shape[0], R.shape[1] * (R.shape[1] - 1) // 2)}}
+    register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract  # the name before torch 2.4
     for op, fake in shapes[name].items():
-        torch.library.register_fake(f"{namespace}::{op}", fake)
+        register(f"{namespace}::{op}", fake)
 
 
 @functools.cache
