@@ -160,4 +160,3 @@ def test_the_operators_declare_what_they_write_and_return():
     shapes registered for tracing (``torch.compile``) are those the kernel returns."""
     for op, args in _operator_cases():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
-

@@ -51,8 +51,9 @@ if __name__ == "__main__":
     parser.add_argument("--method", default="lora", help="lora, etherplus_hh or both, comma-separated")
     args = parser.parse_args()
     methods = args.method.split(",")
+    unknown = [m for m in methods if m not in ("lora", "etherplus_hh")]
+    if unknown:  # before any run starts
+        parser.error(f"--method: {unknown[0]!r} is not lora or etherplus_hh")
     for method in methods:
-        if method not in ("lora", "etherplus_hh"):
-            parser.error(f"--method: {method!r} is not lora or etherplus_hh")
         output_dir = args.output_dir if len(methods) == 1 else f"{args.output_dir}/{method}"
         run(output_dir, micro_batch_size=args.micro, method=method)
