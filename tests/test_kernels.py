@@ -13,13 +13,9 @@ from peftlab.models import tiny_model
 
 
 @pytest.fixture
-def fresh_kernel_lookup():
-    """``lora_cpu`` and ``blocks_cpu`` look again (they cache their answers); the real answers return afterwards."""
-    kernels.lora_cpu.cache_clear()
-    kernels.blocks_cpu.cache_clear()
-    yield
-    kernels.lora_cpu.cache_clear()
-    kernels.blocks_cpu.cache_clear()
+def fresh_kernel_lookup(monkeypatch):
+    """``lora_cpu`` and ``blocks_cpu`` look again (they keep their answers); the real answers return afterwards."""
+    monkeypatch.setattr(kernels, "_LOADED", {})
 
 
 def test_switched_off_means_pytorch_products(monkeypatch, fresh_kernel_lookup):
@@ -41,7 +37,7 @@ def test_the_first_build_says_so(monkeypatch, fresh_kernel_lookup, tmp_path, cap
     ops = kernels.lora_cpu()  # the operators the library registers, under its name
     assert ops is getattr(torch.ops, loads[-1]) and loads[-1].startswith("peftlab_lora_cpu_")
     assert "building the CPU LoRA kernel" in capsys.readouterr().err
-    kernels.lora_cpu.cache_clear()
+    kernels._LOADED.clear()
     next((tmp_path / "kernels").iterdir()).joinpath("kernel.so").touch()  # built before: nothing to say
     assert kernels.lora_cpu() is ops and capsys.readouterr().err == "" and len(loads) == 2
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import logits, randomize_adapters
 from peftlab.adapters import AdapterConfigError, AdapterLayer, config_from_dict
-from peftlab.adapters.vera import VeraAdapter, VeraConfig, _projections, shared_projections
+from peftlab.adapters.vera import _PROJECTIONS, VeraAdapter, VeraConfig, shared_projections
 from peftlab.inject import add_adapter, adapter_layers, merge, unmerge
 from peftlab.io import export_peft, load_adapter, save_adapter
 from peftlab.models import tiny_model
@@ -79,7 +79,7 @@ def test_projections_shared_seeded_and_bounded(adapted):
     assert A.abs().max() <= math.sqrt(6 / 128) and B.abs().max() <= math.sqrt(6 / 16)
     assert A.abs().max() > 0.9 * math.sqrt(6 / 128)  # uniform over the whole range, not a narrower one
     assert A.var().item() == pytest.approx(2 / 128, rel=0.1)
-    _projections.cache_clear()
+    _PROJECTIONS.clear()
     A2, B2 = shared_projections(3, 16, 128, 128)
     assert A2.data_ptr() != A.data_ptr() and torch.equal(A2, A) and torch.equal(B2, B)  # bit-for-bit from the seed
     assert not torch.equal(shared_projections(4, 16, 128, 128)[0], A)
@@ -93,7 +93,7 @@ def test_projections_never_saved_and_round_trip(adapted, tokens, tmp_path):
     assert saved.pop("probe.default").shape == (2 * sum(OUT.values()),)  # the probe: one value per output, 2 layers
     assert len(saved) == 28 and all(k.endswith((".lambda_b", ".lambda_d")) for k in saved)
     assert sum(v.numel() for v in saved.values()) == 2 * sum(OUT.values()) + 14 * 16
-    _projections.cache_clear()  # the fresh model must regenerate A and B from the seed
+    _PROJECTIONS.clear()  # the fresh model must regenerate A and B from the seed
     fresh = tiny_model(seed=0)
     config = load_adapter(fresh, tmp_path / "run")
     assert config["adapters"]["default"]["projection_shape"] == [128, 128]

@@ -315,6 +315,10 @@ def derived(module: nn.Module, name: str, derive: Callable[..., torch.Tensor],
     of every layer that asked in the previous forward pass are concatenated along dim 0, derived in one call
     and split (``_Batch``). Layers of the same name share a config, so the asking layer's ``derive`` serves all.
     """
+    # Under torch.compile each layer's own derivation is traced: the batch's Python bookkeeping (weak references,
+    # a second backward through a kept graph) has no place in a compiled graph.
+    if compiling():
+        return derive(*(getattr(module, a) for a in attributes))
     if not torch.is_grad_enabled() or not BATCH_ACROSS_LAYERS or module not in _SHARED:
         return inference_cached(module, name, lambda: derive(*(getattr(module, a) for a in attributes)))
     module.__dict__.pop("_inference_cache", None)
@@ -324,6 +328,12 @@ def derived(module: nn.Module, name: str, derive: Callable[..., torch.Tensor],
     if key not in shared.batches:
         shared.batches[key] = _Batch(shared, attributes)
     return shared.batches[key].get(module, inputs, derive)
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing this call (``torch.compiler.is_compiling``, from torch 2.3)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 class _Batch:

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, derived, positive, register
+from peftlab.adapters.base import (Adapter, AdapterConfig, AdapterConfigError, compiling, derived, positive,
+                                   register)
 from peftlab.adapters.blockwise import folded_linear, low_rank_blocks, worth_folding
 from peftlab.kernels import blocks_fit
 
@@ -287,7 +288,9 @@ class EtherAdapter(Adapter):
             transform.reset_parameters(generator)
 
     def forward(self, x, inner):
-        if worth_folding(x, inner):
+        # (Not ETHER+ under torch.compile: its fold falls back where a block is near-singular, a branch on values
+        # that a compiled graph cannot hold.)
+        if worth_folding(x, inner) and not (self.plus and compiling()):
             folded = self._folded(x, inner)
             if folded is not None:
                 return folded

@@ -24,7 +24,6 @@ gradients (tokens × features).
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -76,18 +75,22 @@ class VeraConfig(AdapterConfig):
 def shared_projections(seed: int, r: int, max_in: int, max_out: int, device="cpu",
                        dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen A (r, max_in) and B (max_out, r): one tensor pair per key, shared by every layer."""
-    return _projections(seed, r, max_in, max_out, torch.device(device), dtype)
+    key = (seed, r, max_in, max_out, torch.device(device), dtype)
+    # Kept in a plain dict: torch.compile reads its entries as constants (it would trace into an lru_cache's
+    # function and stop at the generator it makes).
+    if key not in _PROJECTIONS:
+        _PROJECTIONS[key] = _projections(*key)
+    return _PROJECTIONS[key]
 
 
+_PROJECTIONS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 _CPU = torch.device("cpu")
 
 
-@functools.lru_cache(maxsize=None)
 def _projections(seed, r, max_in, max_out, device, dtype):
     with torch.inference_mode(False), torch.no_grad():  # a first call under inference_mode must not poison training
         if (device, dtype) != (_CPU, torch.float32):  # other devices/dtypes: copies of the one CPU float32 draw
-            return tuple(t.to(device=device, dtype=dtype) for t in _projections(seed, r, max_in, max_out,
-                                                                                 _CPU, torch.float32))
+            return tuple(t.to(device=device, dtype=dtype) for t in shared_projections(seed, r, max_in, max_out))
         generator = torch.Generator(device="cpu").manual_seed(seed)
 
         def kaiming_uniform(shape):  # PEFT's _kaiming_init, float for float: gain √2, fan_in = shape[1]

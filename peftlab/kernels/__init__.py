@@ -91,7 +91,7 @@ def _register_shapes(namespace: str, name: str) -> None:
     shapes = {
         "lora_cpu": {
             "forward": lambda x, A, Bt, y, s: new(x, x.shape[0], A.shape[0]),  # h (y is written in place)
-            "backward": lambda g, x, h, A, Bt, grad_x, s: [like(A), like(Bt)]},  # (∂x is written in place)
+            "backward": lambda g, x, h, A, Bt, grad_x, s: (like(A), like(Bt))},  # (∂x is written in place)
         "blocks_cpu": {
             "lowrank_forward": lambda z, P, Q, c: like(z),
             "lowrank_backward": lambda g, z, P, Q, c, need_z: [grad_z(z, need_z), like(P), like(Q),
@@ -106,18 +106,27 @@ def _register_shapes(namespace: str, name: str) -> None:
         register(f"{namespace}::{op}", fake)
 
 
-@functools.cache
+# The built kernels (or None), by name. A plain dict rather than functools.cache: torch.compile reads a global
+# dict's entries as constants, where it would trace into a cached function's body (and break its graph there).
+_LOADED: dict = {}
+
+
 def lora_cpu():
     """The compiled LoRA kernels (``forward``, ``backward``), or None where they are switched off or cannot
     be built."""
-    return _build("lora_cpu", "CPU LoRA kernel", "LoRA uses PyTorch's products (slower)")
+    return _loaded("lora_cpu", "CPU LoRA kernel", "LoRA uses PyTorch's products (slower)")
 
 
-@functools.cache
 def blocks_cpu():
     """The compiled block-transform kernels (``lowrank_forward``/``backward``, ``dense_forward``/``backward``,
     ``cayley_forward``/``backward``), or None where they are switched off or cannot be built."""
-    return _build("blocks_cpu", "CPU block-transform kernel", "ETHER and OFT use PyTorch's operations (slower)")
+    return _loaded("blocks_cpu", "CPU block-transform kernel", "ETHER and OFT use PyTorch's operations (slower)")
+
+
+def _loaded(name: str, what: str, fallback: str):
+    if name not in _LOADED:
+        _LOADED[name] = _build(name, what, fallback)
+    return _LOADED[name]
 
 
 def native_width() -> int:

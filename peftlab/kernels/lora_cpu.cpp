@@ -20,7 +20,7 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <vector>
+#include <tuple>
 
 #include "simd.h"
 
@@ -100,7 +100,7 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor A, torch::Tensor Bt, torch:
 // R × N. The threads split the rows, each summing its rows' ∂A and ∂Bᵀ in a buffer of its own, added up at the
 // end (splitting the columns instead measured 10-40 % slower: every thread then reads every row).
 template <int R>
-std::vector<torch::Tensor> backward(torch::Tensor g, torch::Tensor x, torch::Tensor h, torch::Tensor A,
+std::tuple<torch::Tensor, torch::Tensor> backward(torch::Tensor g, torch::Tensor x, torch::Tensor h, torch::Tensor A,
                                     torch::Tensor Bt, torch::Tensor grad_x, float s) {
   const int64_t M = x.size(0), K = x.size(1), N = Bt.size(1);
   const float *G = g.data_ptr<float>(), *X = x.data_ptr<float>(), *H = h.data_ptr<float>();
@@ -159,7 +159,7 @@ torch::Tensor lora_forward(torch::Tensor x, torch::Tensor A, torch::Tensor Bt, t
   TORCH_CHECK(false, "peftlab's LoRA kernel takes r = 8, 16, 32 or 64, not ", A.size(0));
 }
 
-std::vector<torch::Tensor> lora_backward(torch::Tensor g, torch::Tensor x, torch::Tensor h, torch::Tensor A,
+std::tuple<torch::Tensor, torch::Tensor> lora_backward(torch::Tensor g, torch::Tensor x, torch::Tensor h, torch::Tensor A,
                                          torch::Tensor Bt, torch::Tensor grad_x, double scaling) {
   check({g, x, h, A, Bt, grad_x}, x.size(1), Bt.size(1));
   const float s = static_cast<float>(scaling);
@@ -177,7 +177,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   // y += s·(x Aᵀ) Bᵀ in place; returns h = x Aᵀ
   m.def("forward(Tensor x, Tensor A, Tensor Bt, Tensor(a!) y, float scaling) -> Tensor");
   // ∂x += s·(g B) A in place; returns (∂A, ∂Bᵀ)
-  m.def("backward(Tensor g, Tensor x, Tensor h, Tensor A, Tensor Bt, Tensor(a!) grad_x, float scaling) -> Tensor[]");
+  m.def("backward(Tensor g, Tensor x, Tensor h, Tensor A, Tensor Bt, Tensor(a!) grad_x, float scaling) -> (Tensor, Tensor)");
 }
 
 // The implementations, for CPU tensors (the Python side gives shapes for tracing: kernels/__init__.py).
