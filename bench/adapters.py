@@ -18,6 +18,8 @@ A step is forward with labels, backward, a (fused) AdamW step and zero_grad. Aft
 steps per variant, each of ``--rounds`` rounds times ``--steps-per-round`` steps of every variant,
 the order rotating each round; rounds during which other processes used the CPU are redone (see
 bench/common.py). Peak memory is measured per variant in a fresh subprocess, as in lora_step.py.
+With ``--compile`` every variant's model, the base's too, runs through ``torch.compile`` (compiled in its
+untimed warm-up step), so each ratio compares compiled with compiled.
 The summary prints each variant's median step time and its ratio to the base and to its ``peft``
 counterpart, and the result goes to ``--out`` (JSON) with a bar chart beside it (PNG).
 """
@@ -85,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--retries", type=int, default=3)
     p.add_argument("--quiet-wait", type=float, default=600.0)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="time every variant, the base included, through torch.compile (inductor; the first, "
+                        "untimed step compiles: about a minute per variant on a 2-core CPU)")
     p.add_argument("--out", default="bench/results/adapters.json")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -134,18 +139,24 @@ def build(name: str, args, input_ids):
     return model, optimizer, sum(p.numel() for p in params)
 
 
+def compiled(model, args):
+    """The model as the timed step runs it: itself, or with ``--compile`` through ``torch.compile``."""
+    return torch.compile(model) if args.compile else model
+
+
 def memory_child(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     input_ids = make_batch(args)
     model, optimizer, _ = build(args.memory_child, args, input_ids)
-    common.print_step_memory(model, _make_step(model, optimizer, input_ids), args.device, steps=2)
+    common.print_step_memory(model, _make_step(compiled(model, args), optimizer, input_ids), args.device, steps=2)
 
 
 def measure_memory(args, names) -> dict:
     flags = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device,
              "--dtype", args.dtype, "--seed", str(args.seed), "--methods", ",".join(args.methods)]
     flags += ["--threads", str(args.threads)] if args.threads else []
+    flags += ["--compile"] if args.compile else []
     return common.memory_in_subprocesses(str(Path(__file__).resolve()), names, flags)
 
 
@@ -168,7 +179,7 @@ def main(argv=None) -> dict:
         model, optimizer, trainable[name] = build(name, args, input_ids)
         with torch.no_grad():
             initial_loss[name] = model(input_ids=input_ids, labels=input_ids).loss.item()
-        steps[name] = (model, _make_step(model, optimizer, input_ids))
+        steps[name] = (model, _make_step(compiled(model, args), optimizer, input_ids))
     for name in ("lora", "vera", "oft", "etherplus", "etherplus_hh"):  # these start exactly at the base model
         if name in initial_loss:
             require(abs(initial_loss[name] - initial_loss["base"]) <= 1e-3,
@@ -271,7 +282,8 @@ def plot(result, path: Path) -> None:
     ax.axhline(TARGET_VS_BASE, color="#d83b3b", lw=0.8, ls="--", label=f"target {TARGET_VS_BASE}x base")
     ax.set_xticks(list(x), methods)
     ax.set_ylabel("step time / frozen base")
-    ax.set_title(f"training step, {result['settings']['batch']}x{result['settings']['seq']} tokens, "
+    compiled_note = ", torch.compile" if result["settings"].get("compile") else ""
+    ax.set_title(f"training step{compiled_note}, {result['settings']['batch']}x{result['settings']['seq']} tokens, "
                  f"{result['machine'].get('device_name') or result['machine'].get('cpu') or ''}"[:90])
     ax.legend(fontsize=8)
     fig.tight_layout()

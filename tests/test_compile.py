@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import randomize_adapters
+from peftlab import kernels
 from peftlab.adapters import method_class
 from peftlab.boosters.sibo import attach_sibo
 from peftlab.inject import add_adapter
@@ -52,6 +53,20 @@ def train(variant: str, compiled: bool, steps: int = 2):
 def test_a_compiled_model_trains_as_the_eager_one(variant):
     eager_losses, eager_grads = train(variant, compiled=False)
     losses, grads = train(variant, compiled=True)
+    assert losses == pytest.approx(eager_losses, abs=1e-5)
+    for grad, eager in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(grad, eager, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["lora", "ether"])
+def test_a_model_compiled_before_any_eager_step_is_one_graph_too(variant, monkeypatch):
+    """Traced before an eager call has loaded the kernels, the layers take PyTorch's operations in that graph:
+    building a kernel inside the trace would break the graph (fullgraph fails)."""
+    monkeypatch.setattr(kernels, "_LOADED", {})
+    losses, grads = train(variant, compiled=True)
+    assert not kernels._LOADED  # nothing was built inside the trace
+    eager_losses, eager_grads = train(variant, compiled=False)
+    assert kernels._LOADED  # the eager run built them (or found they cannot be built)
     assert losses == pytest.approx(eager_losses, abs=1e-5)
     for grad, eager in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(grad, eager, atol=1e-5, rtol=1e-4)

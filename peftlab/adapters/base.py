@@ -28,6 +28,8 @@ from typing import Any, Callable, ClassVar, Iterable
 import torch
 from torch import nn
 
+from peftlab.kernels import compiling
+
 try:  # GPT-2 style models store linear weights transposed, as (in_features, out_features)
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -328,12 +330,6 @@ def derived(module: nn.Module, name: str, derive: Callable[..., torch.Tensor],
     if key not in shared.batches:
         shared.batches[key] = _Batch(shared, attributes)
     return shared.batches[key].get(module, inputs, derive)
-
-
-def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing this call (``torch.compiler.is_compiling``, from torch 2.3)."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)
-    return bool(is_compiling and is_compiling())
 
 
 class _Batch:

@@ -50,10 +50,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from peftlab.adapters.base import (Adapter, AdapterConfig, AdapterConfigError, compiling, derived, positive,
-                                   register)
+from peftlab.adapters.base import Adapter, AdapterConfig, AdapterConfigError, derived, positive, register
 from peftlab.adapters.blockwise import folded_linear, low_rank_blocks, worth_folding
-from peftlab.kernels import blocks_fit
+from peftlab.kernels import blocks_fit, compiling
 
 SIDES = ("auto", "in", "out")
 # The weight form inverts ETHER+'s blocks; with c = û·v̂, cond(H⁺) = (1 + √(1 − c²))/(1 − √(1 − c²)) ≤ 400 for |c| ≥ 0.1.

@@ -125,8 +125,16 @@ def blocks_cpu():
 
 def _loaded(name: str, what: str, fallback: str):
     if name not in _LOADED:
+        if compiling():  # a build inside torch.compile's trace would break its graph for good: PyTorch's operations
+            return None  # in this graph, the kernel in graphs traced after an eager call has built it
         _LOADED[name] = _build(name, what, fallback)
     return _LOADED[name]
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing this call (``torch.compiler.is_compiling``, from torch 2.3)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)
+    return bool(is_compiling and is_compiling())
 
 
 def native_width() -> int:
