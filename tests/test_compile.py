@@ -34,8 +34,8 @@ def train(variant: str, compiled: bool, steps: int = 2):
     randomize_adapters(model, std=0.05)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    # fullgraph: one graph for the whole model, the kernels' operators and the derived tensors inside it (a
-    # graph break would fail here; the kernels are built by then, by the eager run)
+    # fullgraph: one graph for the whole model, the kernels' operators (once loaded) and the derived tensors inside
+    # it; a graph break fails here
     run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
     ids = torch.randint(4, 262, (2, 12), generator=torch.Generator().manual_seed(1))
     losses = []
@@ -49,13 +49,17 @@ def train(variant: str, compiled: bool, steps: int = 2):
     return losses, grads
 
 
+def assert_same_training(compiled, eager):
+    (losses, grads), (eager_losses, eager_grads) = compiled, eager
+    assert losses == pytest.approx(eager_losses, abs=1e-5)
+    for grad, eager_grad in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(grad, eager_grad, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_a_compiled_model_trains_as_the_eager_one(variant):
-    eager_losses, eager_grads = train(variant, compiled=False)
-    losses, grads = train(variant, compiled=True)
-    assert losses == pytest.approx(eager_losses, abs=1e-5)
-    for grad, eager in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(grad, eager, atol=1e-5, rtol=1e-4)
+    eager = train(variant, compiled=False)  # loads the kernels: the compiled graph holds them
+    assert_same_training(train(variant, compiled=True), eager)
 
 
 @pytest.mark.parametrize("variant", ["lora", "ether"])
@@ -63,10 +67,8 @@ def test_a_model_compiled_before_any_eager_step_is_one_graph_too(variant, monkey
     """Traced before an eager call has loaded the kernels, the layers take PyTorch's operations in that graph:
     building a kernel inside the trace would break the graph (fullgraph fails)."""
     monkeypatch.setattr(kernels, "_LOADED", {})
-    losses, grads = train(variant, compiled=True)
+    compiled = train(variant, compiled=True)
     assert not kernels._LOADED  # nothing was built inside the trace
-    eager_losses, eager_grads = train(variant, compiled=False)
+    eager = train(variant, compiled=False)
     assert kernels._LOADED  # the eager run built them (or found they cannot be built)
-    assert losses == pytest.approx(eager_losses, abs=1e-5)
-    for grad, eager in zip(grads, eager_grads, strict=True):
-        torch.testing.assert_close(grad, eager, atol=1e-5, rtol=1e-4)
+    assert_same_training(compiled, eager)

@@ -100,8 +100,8 @@ torch::Tensor forward(torch::Tensor x, torch::Tensor A, torch::Tensor Bt, torch:
 // R × N. The threads split the rows, each summing its rows' ∂A and ∂Bᵀ in a buffer of its own, added up at the
 // end (splitting the columns instead measured 10-40 % slower: every thread then reads every row).
 template <int R>
-std::tuple<torch::Tensor, torch::Tensor> backward(torch::Tensor g, torch::Tensor x, torch::Tensor h, torch::Tensor A,
-                                    torch::Tensor Bt, torch::Tensor grad_x, float s) {
+std::tuple<torch::Tensor, torch::Tensor> backward(torch::Tensor g, torch::Tensor x, torch::Tensor h,
+                                                  torch::Tensor A, torch::Tensor Bt, torch::Tensor grad_x, float s) {
   const int64_t M = x.size(0), K = x.size(1), N = Bt.size(1);
   const float *G = g.data_ptr<float>(), *X = x.data_ptr<float>(), *H = h.data_ptr<float>();
   const float *Ap = A.data_ptr<float>(), *Bp = Bt.data_ptr<float>();
@@ -159,8 +159,9 @@ torch::Tensor lora_forward(torch::Tensor x, torch::Tensor A, torch::Tensor Bt, t
   TORCH_CHECK(false, "peftlab's LoRA kernel takes r = 8, 16, 32 or 64, not ", A.size(0));
 }
 
-std::tuple<torch::Tensor, torch::Tensor> lora_backward(torch::Tensor g, torch::Tensor x, torch::Tensor h, torch::Tensor A,
-                                         torch::Tensor Bt, torch::Tensor grad_x, double scaling) {
+std::tuple<torch::Tensor, torch::Tensor> lora_backward(torch::Tensor g, torch::Tensor x, torch::Tensor h,
+                                                       torch::Tensor A, torch::Tensor Bt, torch::Tensor grad_x,
+                                                       double scaling) {
   check({g, x, h, A, Bt, grad_x}, x.size(1), Bt.size(1));
   const float s = static_cast<float>(scaling);
   switch (A.size(0)) {
